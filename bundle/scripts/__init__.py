@@ -1,0 +1,9 @@
+"""What the bundle's configs use; MONAI, Ignite and PyTorch provide the rest."""
+
+from .affine import AffineInitializer
+from .batch import BatchRegistration
+from .checkpoint import load_weights
+from .cover_table import read_cover_table, select_pairs
+from .errors import RegistrationInputError
+from .nonrigid import PatchPyramidRegistration
+from .registration import SlidePairRegistration

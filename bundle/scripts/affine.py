@@ -1,0 +1,247 @@
+"""Global affine initialisation of a stained-section pair: full-circle rotation search, then pyramid refinement.
+
+The result seeds the nonrigid stage. Conventions, shared with :func:`affine_to_field`:
+
+- images are ``(1, 1, H, W)`` single-channel float tensors, tissue bright on a dark (~0) background, and the fixed
+  (target) and moving (source) images have the same shape;
+- the returned matrix ``A`` (2, 3) is in pixels of that grid, in row/column order, pixel centres at integer
+  indices, and pulls: ``[r_m, c_m] = A[:, :2] @ [r_f, c_f] + A[:, 2]``, i.e. ``warped_moving(x) = moving(A x)``.
+
+Internally every level works in one isotropic frame ``u`` independent of resolution: the image centre is the
+origin and the long side spans ``[-1, 1]``. A pixel ``p`` of the full grid sits at
+``u = (p - (size - 1) / 2) / (L / 2)`` with ``L`` the long side, and ``u = D n`` where ``n`` is the per-axis
+``align_corners=False`` coordinate of ``F.grid_sample`` and ``D = diag(H / L, W / L)``. Because antialiased
+resizing keeps the image extent, ``D`` is the same at every pyramid level, so a transform estimated at one level is
+valid at all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["AffineInitializer", "affine_to_field"]
+
+# (row, col) <-> (x, y): F.affine_grid orders coordinates last axis first.
+_SWAP = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+
+
+def _resize(image: Tensor, long_side: int) -> Tensor:
+    """Antialiased resize of a ``(N, C, H, W)`` image so that its long side is ``long_side`` pixels."""
+    height, width = image.shape[-2:]
+    factor = long_side / max(height, width)
+    size = (max(round(height * factor), 1), max(round(width * factor), 1))
+    if size == (height, width):
+        return image
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _ncc(a: Tensor, b: Tensor) -> Tensor:
+    """Global normalised cross-correlation of ``(N, 1, h, w)`` images (``b`` may broadcast); returns ``(N,)``."""
+    a = a.flatten(1)
+    b = b.flatten(1)
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / ((a * a).sum(1) * (b * b).sum(1)).sqrt().clamp_min(1e-12)
+
+
+def _rotations(angles: Tensor) -> Tensor:
+    """``(N,)`` angles in radians -> ``(N, 2, 2)`` rotation matrices."""
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+
+
+class AffineInitializer(torch.nn.Module):
+    """Estimate the affine pull transform from a fixed (target) to a moving (source) stained section.
+
+    1. Rotation search: with both images downsampled to ``search_size``, the moving image is rotated about its
+       intensity centroid onto the fixed image's centroid for every angle of the full circle (one batched
+       ``grid_sample``), optionally shifted to the best FFT cross-correlation offset, and scored by global NCC.
+    2. Refinement: the six affine parameters are optimised with Adam, maximising global NCC, on the pyramid levels
+       coarse to fine. Global NCC is used because across stains the tissue outline against the black background is
+       the signal the stains share; local NCC is undefined on that flat background and follows stain texture.
+    3. Guard: the refined transform is kept only if it scores at least the search result on the finest level.
+
+    Args:
+        search_size: long side, in pixels, of the images for the rotation search.
+        angle_step: spacing of the searched angles in degrees, over the full circle.
+        translation_search: refine each angle's centroid alignment by FFT cross-correlation.
+        max_shift: largest translation the FFT search may add, as a fraction of each side.
+        pyramid: long sides, in pixels, of the refinement levels, coarse to fine; levels larger than the image
+            are skipped, and the image's own size is used when all are.
+        iterations: Adam steps per pyramid level (same length as ``pyramid``).
+        learning_rate: Adam step at the coarsest level, in units of the isotropic frame (the long side spans 2);
+            each finer level scales it by the size ratio so a step stays about as many of its pixels, and it
+            decays to zero within a level (cosine) so that the estimate settles rather than jitters.
+    """
+
+    def __init__(
+        self,
+        search_size: int = 128,
+        angle_step: float = 5.0,
+        translation_search: bool = True,
+        max_shift: float = 0.25,
+        pyramid: Sequence[int] = (128, 256, 512),
+        iterations: Sequence[int] = (100, 50, 25),
+        learning_rate: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if len(pyramid) != len(iterations) or not pyramid:
+            raise ValueError(
+                f"pyramid {tuple(pyramid)} and iterations {tuple(iterations)} need the same, non-zero length"
+            )
+        if search_size < 8 or angle_step <= 0:
+            raise ValueError(f"need search_size >= 8 and angle_step > 0, got {search_size} and {angle_step}")
+        self.search_size = search_size
+        self.angle_step = angle_step
+        self.translation_search = translation_search
+        self.max_shift = max_shift
+        self.pyramid = tuple(int(p) for p in pyramid)
+        self.iterations = tuple(int(i) for i in iterations)
+        self.learning_rate = learning_rate
+
+    def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
+        """
+        Args:
+            moving: source image ``(1, 1, H, W)``.
+            fixed: target image ``(1, 1, H, W)``.
+
+        Returns:
+            ``(2, 3)`` float32 pull matrix in pixels of the ``(H, W)`` grid, row/column order, on the inputs' device.
+        """
+        if moving.shape != fixed.shape or moving.ndim != 4 or moving.shape[:2] != (1, 1):
+            raise ValueError(
+                f"expected two (1, 1, H, W) images of one shape, got {tuple(moving.shape)} and {tuple(fixed.shape)}"
+            )
+        height, width = fixed.shape[-2:]
+        long_side = max(height, width)
+        dtype = torch.promote_types(fixed.dtype, torch.float32)
+        # Refinement needs autograd even when the caller runs under no_grad or inference_mode (bundle inference),
+        # and inference tensors cannot be saved for backward, hence the copies made outside inference mode.
+        with torch.inference_mode(False), torch.enable_grad():
+            moving = moving.detach().to(dtype).clone()
+            fixed = fixed.detach().to(dtype).clone()
+            scale = torch.tensor([height / long_side, width / long_side], dtype=dtype, device=fixed.device)
+            linear, shift, pivot = self._search(moving, fixed, scale)
+            linear, shift = self._refine(moving, fixed, scale, linear, shift, pivot)
+        # u_m = L (u_f - pivot) + t, with u = (p - c) / s, c = (size - 1) / 2, s = L / 2, in pixels becomes
+        # p_m = L p_f + s (t - L pivot) + c - L c.
+        half = long_side / 2
+        centre = torch.tensor([(height - 1) / 2, (width - 1) / 2], dtype=dtype, device=fixed.device)
+        translation = half * (shift - linear @ pivot) + centre - linear @ centre
+        return torch.cat([linear, translation[:, None]], 1).detach().float()
+
+    def _search(self, moving: Tensor, fixed: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Full-circle rotation search. Returns the rotation ``(2, 2)``, the moving centroid ``(2,)`` and the
+        fixed pivot ``(2,)`` in the isotropic frame: ``u_m = R (u_f - pivot) + centroid``."""
+        fixed_s = _resize(fixed, self.search_size)
+        moving_s = _resize(moving, self.search_size)
+        pivot, centroid = _centroid(fixed_s, scale), _centroid(moving_s, scale)
+        angles = torch.arange(0.0, 360.0, self.angle_step, dtype=fixed.dtype, device=fixed.device)
+        rotations = _rotations(torch.deg2rad(angles))
+        warped = _warp(moving_s.expand(len(angles), -1, -1, -1), rotations, centroid, pivot, scale)
+        if self.translation_search:
+            scores, offsets = self._shift_search(warped, fixed_s)
+            # fixed(x) ~ warped(x - offset): the offset, in search pixels, moves the pivot
+            size = torch.tensor(fixed_s.shape[-2:], dtype=fixed.dtype, device=fixed.device)
+            pivots = pivot + scale * 2 * offsets / size
+        else:
+            scores, pivots = _ncc(warped, fixed_s), pivot.expand(len(angles), 2)
+        best = int(scores.argmax())
+        return rotations[best], centroid, pivots[best]
+
+    def _shift_search(self, warped: Tensor, fixed: Tensor) -> tuple[Tensor, Tensor]:
+        """Best translation of each ``(N, 1, h, w)`` warped image onto ``fixed`` by FFT cross-correlation.
+
+        Returns the normalised correlation peak ``(N,)`` and the offset ``(N, 2)`` in pixels, rows then columns.
+        """
+        height, width = fixed.shape[-2:]
+        fixed = fixed - fixed.mean()
+        warped = warped - warped.mean((-2, -1), keepdim=True)
+        # zero padding to twice the size keeps the correlation from wrapping around
+        size = (2 * height, 2 * width)
+        spectrum = torch.fft.rfft2(fixed, s=size) * torch.fft.rfft2(warped, s=size).conj()
+        corr = torch.fft.irfft2(spectrum, s=size)[:, 0]  # corr[t] = sum_x fixed(x + t) warped(x)
+        rows = torch.fft.fftfreq(size[0], 1 / size[0], device=fixed.device)
+        cols = torch.fft.fftfreq(size[1], 1 / size[1], device=fixed.device)
+        allowed = (rows.abs() <= self.max_shift * height)[:, None] & (cols.abs() <= self.max_shift * width)[None, :]
+        corr = corr.masked_fill(~allowed, -math.inf)
+        peak, index = corr.flatten(1).max(1)
+        norm = (fixed.square().sum() * warped.square().sum((1, 2, 3))).sqrt().clamp_min(1e-12)
+        offsets = torch.stack([rows[index // size[1]], cols[index % size[1]]], -1).to(fixed.dtype)
+        return peak / norm, offsets
+
+    def _refine(
+        self, moving: Tensor, fixed: Tensor, scale: Tensor, linear: Tensor, shift: Tensor, pivot: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Adam on ``u_m = linear (u_f - pivot) + shift`` over the pyramid; returns the refined ``linear, shift``."""
+        long_side = max(fixed.shape[-2:])
+        levels = [(s, n) for s, n in zip(self.pyramid, self.iterations) if s <= long_side] or [
+            (long_side, self.iterations[-1])
+        ]
+        linear_p = linear.clone().requires_grad_(True)
+        shift_p = shift.clone().requires_grad_(True)
+        for size, steps in levels:
+            fixed_l, moving_l = _resize(fixed, size), _resize(moving, size)
+            lr = self.learning_rate * levels[0][0] / size
+            optimizer = torch.optim.Adam([linear_p, shift_p], lr=lr)
+            for step in range(steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                optimizer.zero_grad(set_to_none=True)
+                loss = -_ncc(_warp(moving_l, linear_p[None], shift_p, pivot, scale), fixed_l).sum()
+                loss.backward()
+                optimizer.step()
+        # the guard compares on the finest level, where the refinement had its last say
+        candidates = torch.stack([linear, linear_p.detach()]), torch.stack([shift, shift_p.detach()])
+        scores = _ncc(_warp(moving_l.expand(2, -1, -1, -1), candidates[0], candidates[1], pivot, scale), fixed_l)
+        keep = int(scores[1] >= scores[0])
+        return candidates[0][keep], candidates[1][keep]
+
+
+def _centroid(image: Tensor, scale: Tensor) -> Tensor:
+    """Intensity-weighted centroid ``(2,)`` of a ``(1, 1, h, w)`` image in the isotropic frame (rows, columns)."""
+    height, width = image.shape[-2:]
+    weights = image[0, 0].clamp_min(0)
+    total = weights.sum().clamp_min(1e-12)
+    rows = (2 * torch.arange(height, dtype=image.dtype, device=image.device) + 1) / height - 1
+    cols = (2 * torch.arange(width, dtype=image.dtype, device=image.device) + 1) / width - 1
+    return scale * torch.stack([(weights.sum(1) * rows).sum(), (weights.sum(0) * cols).sum()]) / total
+
+
+def _warp(image: Tensor, linear: Tensor, shift: Tensor, pivot: Tensor, scale: Tensor) -> Tensor:
+    """Pull ``image`` ``(N, 1, h, w)`` through ``u_m = linear (u_f - pivot) + shift`` (isotropic frame).
+
+    ``linear`` is ``(N, 2, 2)``; ``shift`` and ``pivot`` are ``(2,)`` or ``(N, 2)``. Outside the image reads 0,
+    the background value.
+    """
+    # in align_corners=False coordinates n = u / scale: n_m = D^-1 L D n_f + D^-1 (shift - L pivot)
+    matrix = linear * scale[None, :] / scale[:, None]
+    offset = (shift - (linear @ pivot[..., None])[..., 0]) / scale
+    swap = _SWAP.to(image)
+    theta = torch.cat([swap @ matrix @ swap, (offset @ swap)[..., None].expand(len(matrix), 2, 1)], -1)
+    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def affine_to_field(matrix: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Displacement field of a pixel-unit pull matrix, for :class:`monai.networks.blocks.Warp`.
+
+    Args:
+        matrix: ``(2, 3)`` pull matrix in pixels, row/column order (as returned by :class:`AffineInitializer`).
+        shape: ``(H, W)`` of the grid.
+
+    Returns:
+        ``u(x) = A x - x`` as ``(1, 2, H, W)`` in pixels, channel 0 rows, channel 1 columns, on ``matrix``'s device
+        and dtype, so that ``Warp()(moving, u)(x) = moving(A x)``.
+    """
+    rows = torch.arange(shape[0], dtype=matrix.dtype, device=matrix.device)
+    cols = torch.arange(shape[1], dtype=matrix.dtype, device=matrix.device)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, H, W)
+    identity = torch.eye(2, dtype=matrix.dtype, device=matrix.device)
+    field = torch.einsum("ij,jhw->ihw", matrix[:, :2] - identity, grid) + matrix[:, 2, None, None]
+    return field[None]

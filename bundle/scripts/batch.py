@@ -1,0 +1,201 @@
+"""`run inference`: register every pair of a cover table and write the outputs a user needs, pair by pair."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .cover_table import SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow
+from .errors import RegistrationInputError
+from .metrics import PairScores, image_diagonal, score_pair, summarise
+from .affine import affine_to_field
+from .registration import SlidePairRegistration
+from .slide_io import atomic_path, read_landmarks, read_slide, write_landmarks, write_slide
+from .transform import SlideTransform
+from .visualise import save_stage_panels
+
+logger = logging.getLogger(__name__)
+
+WARPED_SOURCE_LANDMARKS = "Warped source landmarks"
+WARPED_TARGET_LANDMARKS = "Warped target landmarks"
+WARPED_SOURCE_IMAGE = "Warped source image"
+DISPLACEMENT_FIELD = "Displacement field"
+EXECUTION_TIME = "Execution time [minutes]"
+STATUS = "Status"
+RESULT_COLUMNS = (
+    WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS, WARPED_SOURCE_IMAGE, DISPLACEMENT_FIELD, EXECUTION_TIME, STATUS,
+)
+STAGES = ("initial", "affine", "nonrigid")
+
+
+class BatchRegistration:
+    """Registers the pairs of a cover table into ``output_dir``; a failed pair is recorded and the run goes on.
+
+    Per pair, ``<output_dir>/<pair name>/`` receives the warped source (target's original grid, colour, source's bit
+    depth), the displacement field (NIfTI + JSON convention), the warped landmarks when landmark files are given,
+    checkerboard and overlay PNGs of each stage and ``registration.json`` (timings, affine, landmark scores). The pair
+    folder is assembled under a hidden name and renamed into place, so it is either complete or absent. Beside them:
+    ``registration-results.csv`` (the cover table plus the result columns, rewritten after every pair) and
+    ``registration-summary.json`` (ANHIR aggregates per stage).
+
+    Args:
+        registration: the configured pair registration (networks loaded).
+        pairs: column names and rows, as from :func:`scripts.cover_table.select_pairs`.
+        output_dir: where results go; created if needed. Inputs are only read.
+    """
+
+    def __init__(
+        self, registration: SlidePairRegistration, pairs: tuple[list[str], list[PairRow]], output_dir: str | Path
+    ) -> None:
+        self.registration = registration
+        self.columns, self.rows = pairs
+        self.output_dir = Path(output_dir)
+
+    def run(self) -> dict:
+        """Register all pairs; returns the summary that is also written to ``registration-summary.json``."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        results: list[dict[str, str]] = []
+        scores: dict[str, dict[str, PairScores]] = {}
+        for pair in tqdm(self.rows, desc="registering", unit="pair"):
+            start = time.perf_counter()
+            outputs = {column: "" for column in RESULT_COLUMNS}
+            try:
+                outputs, pair_scores = self._register(pair)
+                if pair_scores:
+                    scores[pair.name] = pair_scores
+                message = f"{pair.name}: OK in {time.perf_counter() - start:.1f} s" + (
+                    f", median rTRE {pair_scores['nonrigid'].rtre_median:.5f}" if pair_scores else ""
+                )
+                logger.info(message)
+            except Exception as error:  # a batch records the failure and goes on to the next pair
+                problem = str(error) if isinstance(error, RegistrationInputError) else f"{type(error).__name__}: {error}"
+                outputs[STATUS] = f"failed: {problem}"
+                logger.error(f"{pair.name}: failed: {problem}")
+                logger.debug("traceback", exc_info=True)
+            outputs[EXECUTION_TIME] = f"{(time.perf_counter() - start) / 60:.4f}"
+            results.append({**pair.row, **outputs})
+            self._write_results(results)
+        summary = self._summary(results, scores)
+        with atomic_path(self.output_dir / "registration-summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        for stage, aggregate in summary["stages"].items():
+            logger.info(f"{stage}: {aggregate}")
+        return summary
+
+    def _register(self, pair: PairRow) -> tuple[dict[str, str], dict[str, PairScores]]:
+        started = time.perf_counter()
+        target = read_slide(pair.path(TARGET_IMAGE))
+        source = read_slide(pair.path(SOURCE_IMAGE))
+        target_landmarks = self._landmarks(pair, TARGET_LANDMARKS)
+        source_landmarks = self._landmarks(pair, SOURCE_LANDMARKS)
+        loading = time.perf_counter() - started
+
+        result = self.registration(source, target)
+        transform = result.transform
+        timings = {"loading": loading, **result.timings}
+
+        final = self.output_dir / pair.name
+        staging = self.output_dir / f".{pair.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            started = time.perf_counter()
+            suffix = ".png" if source.bit_depth == 8 else ".tif"
+            write_slide(staging / f"warped-source{suffix}", transform.warp_source(source.pixels), source.bit_depth)
+            transform.save_field(staging / "displacement-field.nii.gz")
+            outputs = {
+                WARPED_SOURCE_IMAGE: f"{pair.name}/warped-source{suffix}",
+                DISPLACEMENT_FIELD: f"{pair.name}/displacement-field.nii.gz",
+                WARPED_SOURCE_LANDMARKS: "",
+                WARPED_TARGET_LANDMARKS: "",
+                STATUS: "OK",
+            }
+            if source_landmarks is not None:
+                write_landmarks(staging / "warped-source-landmarks.csv", transform.source_to_target(source_landmarks))
+                outputs[WARPED_SOURCE_LANDMARKS] = f"{pair.name}/warped-source-landmarks.csv"
+            if target_landmarks is not None:
+                write_landmarks(staging / "warped-target-landmarks.csv", transform.target_to_source(target_landmarks))
+                outputs[WARPED_TARGET_LANDMARKS] = f"{pair.name}/warped-target-landmarks.csv"
+            for stage in STAGES:
+                save_stage_panels(staging, stage, result.fixed, result.stages[stage])
+            timings["outputs"] = time.perf_counter() - started
+            scores = self._scores(transform, source_landmarks, target_landmarks, target.pixels.shape[:2])
+            record = {
+                "source": str(pair.path(SOURCE_IMAGE)),
+                "target": str(pair.path(TARGET_IMAGE)),
+                "timings_seconds": timings,
+                "affine_working_pixels": transform.affine.cpu().tolist(),
+                "geometry": transform.geometry.to_dict(),
+                "landmark_scores": {stage: vars(score) for stage, score in scores.items()},
+            }
+            (staging / "registration.json").write_text(json.dumps(record, indent=2))
+            self._publish(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return outputs, scores
+
+    @staticmethod
+    def _landmarks(pair: PairRow, column: str) -> np.ndarray | None:
+        path = pair.path(column)
+        return None if path is None else read_landmarks(path)
+
+    @staticmethod
+    def _scores(
+        transform: SlideTransform,
+        source_landmarks: np.ndarray | None,
+        target_landmarks: np.ndarray | None,
+        target_shape: tuple[int, int],
+    ) -> dict[str, PairScores]:
+        """ANHIR scores of the source landmarks warped into the target frame, after each stage."""
+        if source_landmarks is None or target_landmarks is None:
+            return {}
+        diagonal = image_diagonal(target_shape)
+        affine_only = SlideTransform(
+            transform.geometry, transform.affine, affine_to_field(transform.affine, tuple(transform.field.shape[-2:]))
+        )
+        warped = {
+            "initial": source_landmarks,
+            "affine": affine_only.source_to_target(source_landmarks),
+            "nonrigid": transform.source_to_target(source_landmarks),
+        }
+        return {stage: score_pair(points, target_landmarks, source_landmarks, diagonal) for stage, points in warped.items()}
+
+    @staticmethod
+    def _publish(staging: Path, final: Path) -> None:
+        """Swap the finished folder into place; a previous result of the same pair is replaced whole."""
+        if final.exists():
+            retired = final.with_name(f".{final.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(final, retired)
+            os.replace(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+
+    def _write_results(self, results: list[dict[str, str]]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=[*self.columns, *RESULT_COLUMNS], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+        with atomic_path(self.output_dir / "registration-results.csv") as tmp:
+            tmp.write_text(buffer.getvalue())
+
+    @staticmethod
+    def _summary(results: list[dict[str, str]], scores: dict[str, dict[str, PairScores]]) -> dict:
+        failed = [row for row in results if row[STATUS] != "OK"]
+        return {
+            "pairs": len(results),
+            "failed": len(failed),
+            "failures": {f"{row[SOURCE_IMAGE]} -> {row[TARGET_IMAGE]}": row[STATUS] for row in failed},
+            "stages": {stage: summarise([pair[stage] for pair in scores.values()]) for stage in STAGES},
+            "per_pair": {name: {stage: vars(s) for stage, s in pair.items()} for name, pair in scores.items()},
+        }

@@ -1,0 +1,104 @@
+"""ANHIR/BIRL cover tables: which pairs to register, with paths relative to the table's folder."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RegistrationInputError
+
+TARGET_IMAGE = "Target image"
+SOURCE_IMAGE = "Source image"
+TARGET_LANDMARKS = "Target landmarks"
+SOURCE_LANDMARKS = "Source landmarks"
+PATH_COLUMNS = (TARGET_IMAGE, SOURCE_IMAGE, TARGET_LANDMARKS, SOURCE_LANDMARKS)
+
+
+@dataclass(frozen=True)
+class PairRow:
+    """One row of a cover table.
+
+    Attributes:
+        index: row number (0-based) in the table.
+        row: the row as read, every column kept verbatim (path columns keep the table's strings).
+        base_dir: folder the relative paths are resolved against.
+    """
+
+    index: int
+    row: dict[str, str]
+    base_dir: Path
+
+    def path(self, column: str) -> Path | None:
+        """Resolved path of a path column, or None where the table leaves it empty (landmarks are optional)."""
+        value = (self.row.get(column) or "").strip()
+        if not value:
+            return None
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def name(self) -> str:
+        """Output folder name: unique within a table (row number first) and readable."""
+        source = Path(self.row[SOURCE_IMAGE]).stem
+        target = Path(self.row[TARGET_IMAGE]).stem
+        return f"{self.index}_{source}_to_{target}"
+
+
+def read_cover_table(path: str | Path) -> tuple[list[str], list[PairRow]]:
+    """Read a cover CSV: returns its column names (in order) and its rows.
+
+    Raises:
+        RegistrationInputError: the file is missing or unreadable, lacks the image columns, or has no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RegistrationInputError(path, "cover table not found")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = list(reader.fieldnames or [])
+            rows = [dict(row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise RegistrationInputError(path, f"cannot be read as a CSV table: {error}") from error
+    missing = [column for column in (TARGET_IMAGE, SOURCE_IMAGE) if column not in columns]
+    if missing:
+        raise RegistrationInputError(path, f"cover table lacks the column(s) {missing}; it has {columns}")
+    if not rows:
+        raise RegistrationInputError(path, "cover table has no pairs")
+    columns += [column for column in PATH_COLUMNS if column not in columns]
+    base_dir = path.resolve().parent
+    return columns, [PairRow(i, {c: row.get(c) or "" for c in columns}, base_dir) for i, row in enumerate(rows)]
+
+
+def single_pair_table(
+    source: str, target: str, source_landmarks: str | None = None, target_landmarks: str | None = None
+) -> tuple[list[str], list[PairRow]]:
+    """The one-row table for ``--source/--target`` runs; relative paths resolve against the working directory."""
+    row = {
+        TARGET_IMAGE: str(target),
+        SOURCE_IMAGE: str(source),
+        TARGET_LANDMARKS: str(target_landmarks or ""),
+        SOURCE_LANDMARKS: str(source_landmarks or ""),
+    }
+    return list(PATH_COLUMNS), [PairRow(0, row, Path.cwd())]
+
+
+def select_pairs(
+    pairs_csv: str | None,
+    source: str | None,
+    target: str | None,
+    source_landmarks: str | None,
+    target_landmarks: str | None,
+    sample_pairs_csv: str,
+) -> tuple[list[str], list[PairRow]]:
+    """The pairs a run registers: ``--source/--target`` if given, else ``--pairs_csv``, else the embedded sample."""
+    if source or target:
+        if not (source and target):
+            raise ValueError("--source and --target go together: give both images of the pair")
+        if pairs_csv:
+            raise ValueError("give either --pairs_csv or --source/--target, not both")
+        return single_pair_table(source, target, source_landmarks, target_landmarks)
+    if source_landmarks or target_landmarks:
+        raise ValueError("--source_landmarks/--target_landmarks need --source/--target; a cover table names its own")
+    return read_cover_table(pairs_csv or sample_pairs_csv)

@@ -1,0 +1,110 @@
+"""The nonrigid engine: Algorithm 1 of Wodzinski & Mueller (MLMI 2020), multi-level patch-based registration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Warp
+
+from .fields import FieldComposer, resize_field
+from .patches import PatchGrid
+
+
+@dataclass
+class LevelOutput:
+    """State after one pyramid level: images (1, 1, h, w) and the total pull field (1, 2, h, w) in level pixels."""
+
+    level: int
+    moving: torch.Tensor
+    fixed: torch.Tensor
+    field: torch.Tensor
+
+
+def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, ceil(H / f), ceil(W / f)), area-averaged (anti-aliased) for power-of-two pyramids."""
+    if factor == 1:
+        return image
+    shape = (-(-image.shape[-2] // factor), -(-image.shape[-1] // factor))
+    return F.interpolate(image, size=shape, mode="area")
+
+
+class PatchPyramidRegistration(torch.nn.Module):
+    """Multi-level, multi-iteration, patch-based nonrigid registration with one network per level.
+
+    Level ``l`` of ``N`` works at ``1 / 2^(N-1-l)`` of the working resolution. At each level the field so far is
+    upsampled; then ``iterations`` times: the moving image is warped once from the original by the total field, both
+    images are cut into ``patch_size`` patches at ``stride``, groups of ``group_size`` patches go through the level's
+    network (input: warped moving and fixed patch, 2 channels; output: displacement (2, P, P) in pixels), the patch
+    fields are blended back keeping their centres, and the result is composed onto the total field.
+
+    Args:
+        networks: one network per level, coarsest first; weights are shared across the iterations of a level.
+        patch_size: P in pixels (divisible by 2^(number of network strides)).
+        stride: S in pixels.
+        group_size: G, patches per network batch; bounds memory independently of the image size.
+        iterations: M, inner iterations per level.
+    """
+
+    def __init__(
+        self,
+        networks: Sequence[torch.nn.Module],
+        patch_size: int = 128,
+        stride: int = 64,
+        group_size: int = 32,
+        iterations: int = 3,
+    ) -> None:
+        super().__init__()
+        self.networks = torch.nn.ModuleList(networks)
+        self.patch_size = patch_size
+        self.stride = stride
+        self.group_size = group_size
+        self.iterations = iterations
+        self.warp = Warp(mode="bilinear", padding_mode="zeros")  # zeros = background outside the tissue image
+        self.compose = FieldComposer()
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, initial_field: torch.Tensor | None = None) -> torch.Tensor:
+        """Args: moving, fixed: (1, 1, H, W); initial_field: (1, 2, H, W) pull field in pixels (e.g. the affine).
+
+        Returns: (1, 2, H, W) total pull field in pixels: ``fixed(x) ~ moving(x + u(x))``.
+        """
+        for output in self.levels(moving, fixed, initial_field):
+            field = output.field
+        return field
+
+    def levels(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        initial_field: torch.Tensor | None = None,
+        detach_between_levels: bool = False,
+    ) -> Iterator[LevelOutput]:
+        """Run the pyramid coarse to fine, yielding each level's result (training puts a loss on every level).
+
+        With ``detach_between_levels`` each level's network is trained on the (fixed) output of the levels before it,
+        as when the levels are trained one after the other.
+        """
+        count = len(self.networks)
+        field = initial_field
+        for level, network in enumerate(self.networks):
+            factor = 2 ** (count - 1 - level)
+            moving_l, fixed_l = downsample(moving, factor), downsample(fixed, factor)
+            shape = tuple(fixed_l.shape[-2:])
+            field = fixed_l.new_zeros((1, 2, *shape)) if field is None else resize_field(field, shape)
+            if detach_between_levels:
+                field = field.detach()
+            for _ in range(self.iterations):
+                increment = self.predict(network, self.warp(moving_l, field), fixed_l)
+                field = self.compose(field, increment)
+            yield LevelOutput(level, moving_l, fixed_l, field)
+
+    def predict(self, network: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """One pass of a level's network over all patches: (1, 1, h, w) pair -> (1, 2, h, w) field in pixels."""
+        grid = PatchGrid(tuple(fixed.shape[-2:]), self.patch_size, self.stride)
+        pair = grid.pad(torch.cat([moving, fixed], dim=1))
+        total, weights = grid.new_accumulator(2, pair)
+        for origins in grid.groups(self.group_size):
+            total, weights = grid.accumulate(total, weights, network(grid.extract(pair, origins)), origins)
+        return grid.fold(total, weights)

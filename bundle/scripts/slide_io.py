@@ -1,0 +1,333 @@
+"""Reading and writing histology slides and their ANHIR landmark files.
+
+Slides are held as (H, W, C) float32 arrays in [0, 1] with C = 1 (greyscale) or 3 (RGB); landmarks as (N, 2)
+float64 arrays of [X, Y] = [column, row] pixel coordinates with the origin at the top-left pixel, as in the
+ANHIR / BIRL CSV files. Every problem with a user-supplied file raises :class:`RegistrationInputError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from monai.config import PathLike
+from monai.data import PILReader
+from monai.transforms import LoadImage
+from PIL import Image
+
+from .errors import RegistrationInputError
+
+__all__ = ["Slide", "read_slide", "read_landmarks", "write_landmarks", "write_slide", "atomic_path"]
+
+_PIL_SUFFIXES = (".jpg", ".jpeg", ".png")
+_TIFF_SUFFIXES = (".tif", ".tiff")
+# What write_slide produces for each bit depth: PNG holds 8-bit RGB losslessly; 16-bit RGB needs TIFF.
+_WRITE_SUFFIXES = {8: (".png",), 16: (".tif", ".tiff")}
+
+# Pillow modes decoded to a supported mode on reading: palettes may carry transparency, hence RGBA.
+_PIL_CONVERSIONS = {"1": "L", "P": "RGBA", "PA": "RGBA", "CMYK": "RGB"}
+# Bits per sample of the Pillow modes that are read as they are.
+_PIL_BIT_DEPTHS = {"L": 8, "LA": 8, "RGB": 8, "RGBA": 8, "I;16": 16, "I;16L": 16, "I;16B": 16}
+# TIFF colour models read as they are; tifffile decodes JPEG-compressed YCbCr to RGB.
+_TIFF_PHOTOMETRICS = (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class Slide:
+    """A slide image as read from disk.
+
+    Attributes:
+        pixels: (H, W, C) float32 in [0, 1]; C = 1 (greyscale) or 3 (RGB); transparency already composited over white.
+        bit_depth: 8 or 16, the bits per sample the file stored, so outputs can be written back at the same depth.
+        path: the file it was read from, as the caller gave it.
+    """
+
+    pixels: np.ndarray
+    bit_depth: int
+    path: str
+
+    def __post_init__(self) -> None:
+        if self.pixels.ndim != 3 or self.pixels.shape[-1] not in (1, 3) or self.pixels.dtype != np.float32:
+            raise ValueError(f"pixels must be (H, W, 1 or 3) float32, got {self.pixels.shape} {self.pixels.dtype}.")
+        if self.bit_depth not in (8, 16):
+            raise ValueError(f"bit_depth must be 8 or 16, got {self.bit_depth}.")
+
+
+@contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write ``path`` through, so that a crash never leaves a half-written file.
+
+    The temporary file lies in the same directory (``os.replace`` is atomic only within one file system) and keeps
+    all suffixes of ``path`` (writers such as PIL, tifffile and nibabel choose the format from them, e.g.
+    ``.field.tmp-1a2b3c4d.nii.gz``). On success it is renamed onto ``path``; on an exception it is deleted.
+    Parent directories are created as needed. This guards against the process dying, not against power loss
+    (no fsync).
+
+    Args:
+        path: the file to produce.
+    Yields:
+        the temporary path; the block must create the file there.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffixes = "".join(target.suffixes)
+    stem = target.name[: len(target.name) - len(suffixes)]
+    # A random name rather than mkstemp: mkstemp creates the file with mode 0600, which the rename would keep.
+    temporary = target.with_name(f".{stem}.tmp-{secrets.token_hex(4)}{suffixes}")
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def read_slide(path: PathLike) -> Slide:
+    """Read a JPG, PNG or TIFF slide, 8- or 16-bit, greyscale or RGB, with or without alpha.
+
+    Samples are scaled by their type's range (uint8 / 255, uint16 / 65535); float TIFFs are clipped to [0, 1] and
+    recorded as 16-bit. Alpha is composited over white, because the background of a brightfield slide is white.
+    A TIFF is read from its first series at full resolution (level 0 of a pyramid), first page of a stack.
+    EXIF orientation is deliberately not applied: landmarks refer to the pixels as stored.
+
+    Args:
+        path: the image file.
+    Returns:
+        the slide, pixels (H, W, C) float32 in [0, 1] with C = 1 or 3.
+    Raises:
+        RegistrationInputError: the file is missing, a directory, of an unsupported format, unreadable, empty,
+            blank (all pixels equal) or has an unsupported pixel type or channel count.
+    """
+    file = _existing_file(path)
+    suffix = file.suffix.lower()
+    if suffix not in _PIL_SUFFIXES + _TIFF_SUFFIXES:
+        supported = ", ".join(_PIL_SUFFIXES + _TIFF_SUFFIXES)
+        raise RegistrationInputError(path, f"unsupported image format {suffix!r} (expected one of {supported})")
+    with _decoding(path):
+        samples, bit_depth = _read_tiff(file) if suffix in _TIFF_SUFFIXES else _read_pil(file)
+    if samples.size == 0:
+        raise RegistrationInputError(path, "image is empty (no pixels)")
+    pixels = _composite_over_white(_channels_last(samples, path))
+    if np.array_equal(pixels.min(axis=(0, 1)), pixels.max(axis=(0, 1))):
+        raise RegistrationInputError(path, "image is blank (all pixels equal)")
+    return Slide(pixels=pixels, bit_depth=bit_depth, path=str(path))
+
+
+def write_slide(path: PathLike, pixels: np.ndarray, bit_depth: int) -> None:
+    """Write a slide atomically: 8-bit as PNG, 16-bit as deflate-compressed TIFF.
+
+    Args:
+        path: the output file; its extension must suit ``bit_depth`` (.png for 8, .tif or .tiff for 16).
+        pixels: (H, W, C) float in [0, 1], C = 1 or 3; values outside [0, 1] (interpolation overshoot) are clipped.
+        bit_depth: 8 or 16 bits per sample.
+    Raises:
+        ValueError: an unsupported bit depth, an extension that does not fit it, a wrong shape or NaN pixels.
+    """
+    suffixes = _WRITE_SUFFIXES.get(bit_depth)
+    if suffixes is None:
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}.")
+    if Path(path).suffix.lower() not in suffixes:
+        raise ValueError(f"{bit_depth}-bit slides are written as {' or '.join(suffixes)}, not {path}.")
+    if pixels.ndim != 3 or pixels.shape[-1] not in (1, 3):
+        raise ValueError(f"pixels must be (H, W, 1 or 3), got {pixels.shape}.")
+    if np.isnan(pixels).any():
+        raise ValueError("pixels contain NaN.")
+    samples = _quantise(pixels, bit_depth)
+    with atomic_path(path) as temporary:
+        if bit_depth == 8:
+            Image.fromarray(samples[..., 0] if samples.shape[-1] == 1 else samples).save(temporary, format="PNG")
+        else:
+            photometric = "minisblack" if samples.shape[-1] == 1 else "rgb"
+            tifffile.imwrite(temporary, samples, photometric=photometric, compression="zlib")
+
+
+def read_landmarks(path: PathLike) -> np.ndarray:
+    """Read an ANHIR / BIRL landmark CSV: header ``,X,Y`` (an index column first) or ``X,Y``.
+
+    Args:
+        path: the CSV file.
+    Returns:
+        (N, 2) float64, N >= 1, columns [X, Y] = [column, row] in pixels, origin at the top-left pixel.
+    Raises:
+        RegistrationInputError: the file is missing, not text, has no X and Y columns, a missing, non-numeric or
+            non-finite coordinate (naming its line), or no points.
+    """
+    file = _existing_file(path)
+    try:
+        # utf-8-sig drops the byte-order mark that spreadsheet programs put before the header
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RegistrationInputError(path, f"cannot be read as a CSV text file: {err}") from err
+    rows = csv.reader(lines)
+    header = [name.strip() for name in next(rows, [])]
+    if "X" not in header or "Y" not in header:
+        raise RegistrationInputError(path, f"no X and Y columns in the header {header} (expected ',X,Y')")
+    x_column, y_column = header.index("X"), header.index("Y")
+    points = []
+    for row in rows:
+        if not "".join(row).strip():  # blank lines, e.g. at the end of the file
+            continue
+        line = rows.line_num
+        points.append((_coordinate(path, row, x_column, "X", line), _coordinate(path, row, y_column, "Y", line)))
+    if not points:
+        raise RegistrationInputError(path, "no landmark points (only a header)")
+    return np.asarray(points, dtype=np.float64)
+
+
+def write_landmarks(path: PathLike, points: np.ndarray) -> None:
+    """Write landmarks atomically in the ANHIR / BIRL format: header ``,X,Y``, index 0..N-1, 3 decimals.
+
+    Args:
+        path: the output CSV file.
+        points: (N, 2), N >= 1, [X, Y] = [column, row] in pixels; all finite, so that the file reads back.
+    Raises:
+        ValueError: a wrong shape, no points or a non-finite coordinate.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
+        raise ValueError(f"points must be (N, 2) with N >= 1, got {points.shape}.")
+    if not np.isfinite(points).all():
+        raise ValueError("points contain NaN or infinite coordinates.")
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["", "X", "Y"])
+        writer.writerows((index, f"{x:.3f}", f"{y:.3f}") for index, (x, y) in enumerate(points))
+
+
+def _existing_file(path: PathLike) -> Path:
+    """``path`` as a Path, after checking that it names an existing file (not a directory)."""
+    file = Path(path)
+    if not file.exists():
+        raise RegistrationInputError(path, "file not found")
+    if file.is_dir():
+        raise RegistrationInputError(path, "is a directory, not a file")
+    return file
+
+
+@contextmanager
+def _decoding(path: PathLike) -> Iterator[None]:
+    """Turn a decoder's failure into a RegistrationInputError naming ``path``."""
+    try:
+        yield
+    except RegistrationInputError:
+        raise
+    # Decoders fail with many unrelated types (OSError, ValueError, TiffFileError, zlib.error, Pillow's
+    # DecompressionBombError, ...); for the user each means the same thing.
+    except Exception as err:
+        raise RegistrationInputError(path, f"cannot be read as an image: {str(err) or type(err).__name__}") from err
+
+
+def _to_supported_mode(image: Image.Image) -> Image.Image:
+    """PILReader converter: decode palette, bilevel and CMYK images to greyscale or RGB(A)."""
+    mode = _PIL_CONVERSIONS.get(image.mode)
+    return image if mode is None else image.convert(mode)
+
+
+_PIL_READER = PILReader(converter=_to_supported_mode, reverse_indexing=False)  # (H, W[, C]) as stored
+_LOAD_IMAGE = LoadImage(reader=_PIL_READER, image_only=True, dtype=np.float32)
+
+
+def _read_pil(file: Path) -> tuple[np.ndarray, int]:
+    """Read a JPG or PNG: samples (H, W) or (H, W, C) float32 in [0, 1], and the bits per sample."""
+    if _is_16bit_colour_png(file):
+        raise RegistrationInputError(
+            file, "16-bit colour PNG is not supported (Pillow reduces it to 8 bits); save it as a 16-bit TIFF"
+        )
+    # The reader is passed again at call time because otherwise LoadImage falls back to its ITK, NumPy and
+    # nibabel readers when Pillow fails, hiding Pillow's error and possibly changing the axis order.
+    image = _LOAD_IMAGE(file, reader=_PIL_READER)
+    mode = image.meta["mode"]
+    if mode not in _PIL_BIT_DEPTHS:
+        raise RegistrationInputError(file, f"unsupported pixel mode {mode!r}")
+    bit_depth = _PIL_BIT_DEPTHS[mode]
+    return image.numpy() / np.float32(2**bit_depth - 1), bit_depth
+
+
+def _is_16bit_colour_png(file: Path) -> bool:
+    """Whether ``file`` is a PNG of 16-bit colour or greyscale+alpha samples, which Pillow truncates to 8 bits."""
+    with file.open("rb") as stream:
+        head = stream.read(26)
+    # signature (8 bytes), IHDR chunk length and type (8), width and height (8), bit depth, colour type (0 = grey)
+    return len(head) == 26 and head.startswith(_PNG_SIGNATURE) and head[24] == 16 and head[25] != 0
+
+
+def _read_tiff(file: Path) -> tuple[np.ndarray, int]:
+    """Read a TIFF: samples (H, W) or (H, W, C) float32 in [0, 1], and the bits per sample (16 for float)."""
+    with tifffile.TiffFile(file) as tiff:
+        # level 0 is a pyramid's full resolution; its key frame is the first page of a multi-page stack
+        page = tiff.series[0].levels[0].keyframe
+        if page.photometric not in _TIFF_PHOTOMETRICS:
+            raise RegistrationInputError(file, f"unsupported TIFF photometric interpretation {page.photometric.name}")
+        samples, axes = page.asarray(), page.axes
+    if "S" in axes:  # planar-configured colour is stored channel-first
+        samples = np.moveaxis(samples, axes.index("S"), -1)
+    return _scale_to_unit(samples, file)
+
+
+def _scale_to_unit(samples: np.ndarray, file: Path) -> tuple[np.ndarray, int]:
+    """Stored samples -> float32 in [0, 1] by the dtype's range, and the bit depth to write them back at."""
+    if samples.dtype == np.uint8:
+        return samples / np.float32(255), 8
+    if samples.dtype == np.uint16:
+        return samples / np.float32(65535), 16
+    if np.issubdtype(samples.dtype, np.floating):
+        if not np.isfinite(samples).all():
+            raise RegistrationInputError(file, "image contains NaN or infinite values")
+        # 16 bits keep more of a float image's precision than 8 when it is written back
+        return np.clip(samples, 0, 1).astype(np.float32), 16
+    raise RegistrationInputError(file, f"unsupported pixel type {samples.dtype} (expected uint8, uint16 or float)")
+
+
+def _channels_last(samples: np.ndarray, path: PathLike) -> np.ndarray:
+    """(H, W) or (H, W, C) -> (H, W, C) with C = 1 grey, 2 grey+alpha, 3 RGB or 4 RGBA."""
+    if samples.ndim == 2:
+        return samples[..., None]
+    if samples.ndim != 3:
+        raise RegistrationInputError(path, f"unsupported image shape {samples.shape} (expected 2-D, with channels)")
+    if samples.shape[-1] not in (1, 2, 3, 4):
+        raise RegistrationInputError(
+            path, f"unsupported channel count {samples.shape[-1]} (expected 1 grey, 2 grey+alpha, 3 RGB or 4 RGBA)"
+        )
+    return samples
+
+
+def _composite_over_white(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, C) float32 in [0, 1] -> (H, W, 1 or 3): alpha (the last of 2 or 4 channels) composited over white.
+
+    Alpha is taken as straight (unassociated), as in PNG: a fully transparent pixel becomes white background.
+    """
+    if pixels.shape[-1] in (1, 3):
+        return pixels
+    colour, alpha = pixels[..., :-1], pixels[..., -1:]
+    # colour * alpha + 1 * (1 - alpha), written so that rounding cannot leave [0, 1]
+    return 1 - alpha * (1 - colour)
+
+
+def _quantise(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
+    """(H, W, C) float in [0, 1] -> (H, W, C) uint8 or uint16, rounded to nearest after clipping to [0, 1]."""
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    scaled = np.clip(pixels, 0, 1) * np.iinfo(dtype).max
+    return np.rint(scaled, out=scaled).astype(dtype)
+
+
+def _coordinate(path: PathLike, row: list[str], column: int, name: str, line: int) -> float:
+    """The finite number in ``row[column]``, the ``name`` coordinate on ``line`` (1-based) of ``path``."""
+    cell = row[column].strip() if column < len(row) else ""
+    if not cell:
+        raise RegistrationInputError(path, f"line {line}: missing {name} value")
+    try:
+        value = float(cell)
+    except ValueError:
+        raise RegistrationInputError(path, f"line {line}: {name} value {cell!r} is not a number") from None
+    if not math.isfinite(value):
+        raise RegistrationInputError(path, f"line {line}: {name} value {cell!r} is not finite")
+    return value
