@@ -5,5 +5,6 @@ from .batch import BatchRegistration
 from .checkpoint import load_weights
 from .cover_table import read_cover_table, select_pairs
 from .errors import RegistrationInputError
+from .networks import identity_initialised
 from .nonrigid import PatchPyramidRegistration
 from .registration import SlidePairRegistration

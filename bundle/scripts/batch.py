@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import os
@@ -64,6 +63,7 @@ class BatchRegistration:
         """Register all pairs; returns the summary that is also written to ``registration-summary.json``."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         results: list[dict[str, str]] = []
+        failures: dict[str, str] = {}
         scores: dict[str, dict[str, PairScores]] = {}
         for pair in tqdm(self.rows, desc="registering", unit="pair"):
             start = time.perf_counter()
@@ -78,13 +78,15 @@ class BatchRegistration:
                 logger.info(message)
             except Exception as error:  # a batch records the failure and goes on to the next pair
                 problem = str(error) if isinstance(error, RegistrationInputError) else f"{type(error).__name__}: {error}"
-                outputs[STATUS] = f"failed: {problem}"
+                outputs[STATUS] = failures[pair.name] = f"failed: {problem}"
+                # a result of an earlier run must not outlive this run's failure of the same pair
+                shutil.rmtree(self.output_dir / pair.name, ignore_errors=True)
                 logger.error(f"{pair.name}: failed: {problem}")
                 logger.debug("traceback", exc_info=True)
             outputs[EXECUTION_TIME] = f"{(time.perf_counter() - start) / 60:.4f}"
             results.append({**pair.row, **outputs})
             self._write_results(results)
-        summary = self._summary(results, scores)
+        summary = self._summary(len(results), failures, scores)
         with atomic_path(self.output_dir / "registration-summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
         for stage, aggregate in summary["stages"].items():
@@ -93,8 +95,8 @@ class BatchRegistration:
 
     def _register(self, pair: PairRow) -> tuple[dict[str, str], dict[str, PairScores]]:
         started = time.perf_counter()
-        target = read_slide(pair.path(TARGET_IMAGE))
-        source = read_slide(pair.path(SOURCE_IMAGE))
+        target = read_slide(pair.image_path(TARGET_IMAGE))
+        source = read_slide(pair.image_path(SOURCE_IMAGE))
         target_landmarks = self._landmarks(pair, TARGET_LANDMARKS)
         source_landmarks = self._landmarks(pair, SOURCE_LANDMARKS)
         loading = time.perf_counter() - started
@@ -130,8 +132,8 @@ class BatchRegistration:
             timings["outputs"] = time.perf_counter() - started
             scores = self._scores(transform, source_landmarks, target_landmarks, target.pixels.shape[:2])
             record = {
-                "source": str(pair.path(SOURCE_IMAGE)),
-                "target": str(pair.path(TARGET_IMAGE)),
+                "source": str(pair.image_path(SOURCE_IMAGE)),
+                "target": str(pair.image_path(TARGET_IMAGE)),
                 "timings_seconds": timings,
                 "affine_working_pixels": transform.affine.cpu().tolist(),
                 "geometry": transform.geometry.to_dict(),
@@ -182,20 +184,17 @@ class BatchRegistration:
             os.replace(staging, final)
 
     def _write_results(self, results: list[dict[str, str]]) -> None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=[*self.columns, *RESULT_COLUMNS], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results)
-        with atomic_path(self.output_dir / "registration-results.csv") as tmp:
-            tmp.write_text(buffer.getvalue())
+        with atomic_path(self.output_dir / "registration-results.csv") as tmp, tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=[*self.columns, *RESULT_COLUMNS], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(results)
 
     @staticmethod
-    def _summary(results: list[dict[str, str]], scores: dict[str, dict[str, PairScores]]) -> dict:
-        failed = [row for row in results if row[STATUS] != "OK"]
+    def _summary(pairs: int, failures: dict[str, str], scores: dict[str, dict[str, PairScores]]) -> dict:
         return {
-            "pairs": len(results),
-            "failed": len(failed),
-            "failures": {f"{row[SOURCE_IMAGE]} -> {row[TARGET_IMAGE]}": row[STATUS] for row in failed},
+            "pairs": pairs,
+            "failed": len(failures),
+            "failures": failures,
             "stages": {stage: summarise([pair[stage] for pair in scores.values()]) for stage in STAGES},
             "per_pair": {name: {stage: vars(s) for stage, s in pair.items()} for name, pair in scores.items()},
         }

@@ -37,6 +37,13 @@ class PairRow:
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.base_dir / path
 
+    def image_path(self, column: str) -> Path:
+        """Resolved path of an image column, which every row must fill."""
+        path = self.path(column)
+        if path is None:
+            raise RegistrationInputError(self.base_dir, f"row {self.index} of the cover table has an empty '{column}'")
+        return path
+
     @property
     def name(self) -> str:
         """Output folder name: unique within a table (row number first) and readable."""

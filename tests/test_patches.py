@@ -1,0 +1,195 @@
+"""Overlapping patch grid (pad, extract, accumulate, fold) and the multi-level patch engine with a stub network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scripts.fields import resize_field
+from scripts.nonrigid import PatchPyramidRegistration, downsample
+from scripts.patches import PatchGrid, blend_window
+
+# MONAI's Warp announces its PyTorch fallback on CPU; nothing to act on here
+pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")
+
+
+def _fold_unfold(field: torch.Tensor, grid: PatchGrid, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut ``field`` into patches in groups, blend them back; returns the folded field and the weight sum."""
+    padded = grid.pad(field)
+    assert padded.shape[-2:] == grid.padded_shape
+    total, weights = grid.new_accumulator(field.shape[1], padded)
+    seen = []
+    for origins in grid.groups(group_size):
+        assert 1 <= len(origins) <= group_size
+        patches = grid.extract(padded, origins)
+        assert patches.shape == (len(origins), field.shape[1], grid.patch_size, grid.patch_size)
+        total, weights = grid.accumulate(total, weights, patches, origins)
+        seen.extend(origins)
+    assert seen == grid.origins  # every patch exactly once, in order
+    return grid.fold(total, weights), weights
+
+
+@pytest.mark.parametrize("shape", [(203, 157), (40, 50), (64, 96), (1, 1)])
+def test_fold_unfold_reproduces_field(shape):
+    patch_size, stride = 64, 32
+    grid = PatchGrid(shape, patch_size, stride)
+    field = torch.randn(1, 2, *shape, generator=torch.Generator().manual_seed(0))
+
+    results = []
+    for group_size in (1, 7, len(grid)):
+        folded, weights = _fold_unfold(field, grid, group_size)
+        assert folded.shape == field.shape
+        torch.testing.assert_close(folded, field, atol=1e-6, rtol=1e-6)
+        results.append(folded)
+
+        # every image pixel lies in the central S x S block of some patch (weight 1), so the blend is dominated by
+        # patch centres and never by the tapered borders alone
+        margin = grid.margin
+        image_weights = weights[..., margin : margin + shape[0], margin : margin + shape[1]]
+        assert image_weights.min() >= 1 - 1e-3
+        # the far padding is only there to complete patches: the weight sum stays positive everywhere (no 0 / 0)
+        assert weights.min() > 0
+
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], atol=1e-6, rtol=0)
+
+
+def test_patch_grid_geometry():
+    grid = PatchGrid((203, 157), 64, 32)
+    assert grid.margin == 16
+    # ceil(203 / 32) = 7 rows of patches, ceil(157 / 32) = 5 columns
+    assert len(grid) == 7 * 5
+    assert grid.padded_shape == (6 * 32 + 64, 4 * 32 + 64)
+    small = PatchGrid((40, 50), 64, 32)
+    assert len(small) == 2 * 2 and small.padded_shape == (96, 96)
+    tiny = PatchGrid((10, 20), 64, 32)
+    assert len(tiny) == 1 and tiny.padded_shape == (64, 64)
+    with pytest.raises(ValueError):
+        PatchGrid((100, 100), 64, 31)  # odd P - S
+    with pytest.raises(ValueError):
+        PatchGrid((100, 100), 32, 64)  # S > P
+
+
+def test_blend_window():
+    window = blend_window(64, 32)
+    assert window.shape == (64, 64)
+    torch.testing.assert_close(window[16:48, 16:48], torch.ones(32, 32))
+    assert window.min() > 0 and window.min() < 0.01  # tapers to (almost) nothing at the corners
+    torch.testing.assert_close(window, window.t())
+    torch.testing.assert_close(window, window.flip(0))
+
+
+class ConstantNet(torch.nn.Module):
+    """Stub level network: the same displacement (rows, columns) for every patch pixel; records its inputs."""
+
+    def __init__(self, rows: float, cols: float) -> None:
+        super().__init__()
+        self.value = torch.tensor([rows, cols])
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(pair.detach().clone())
+        n, _, height, width = pair.shape
+        return self.value.to(pair).view(1, 2, 1, 1).expand(n, 2, height, width).clone()
+
+
+PATCH, STRIDE, GROUP, ITERATIONS = 32, 16, 5, 2
+SHAPE = (101, 77)  # odd: the coarse level is (51, 39)
+COARSE = (51, 39)
+
+
+def _images() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return torch.rand(1, 1, *SHAPE, generator=generator), torch.rand(1, 1, *SHAPE, generator=generator)
+
+
+def _engine() -> tuple[PatchPyramidRegistration, ConstantNet, ConstantNet]:
+    coarse, fine = ConstantNet(1.5, -0.5), ConstantNet(0.25, 0.75)
+    engine = PatchPyramidRegistration(
+        [coarse, fine], patch_size=PATCH, stride=STRIDE, group_size=GROUP, iterations=ITERATIONS
+    )
+    return engine, coarse, fine
+
+
+def _constant(values, shape) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(1, 2, 1, 1).expand(1, 2, *shape)
+
+
+@torch.no_grad()
+def test_pyramid_with_constant_stub_network():
+    moving, fixed = _images()
+    engine, coarse, fine = _engine()
+    outputs = list(engine.levels(moving, fixed))
+
+    assert [o.level for o in outputs] == [0, 1]
+    assert outputs[0].moving.shape == outputs[0].fixed.shape == (1, 1, *COARSE)
+    assert outputs[0].field.shape == (1, 2, *COARSE)
+    assert outputs[1].moving.shape == outputs[1].fixed.shape == (1, 1, *SHAPE)
+    assert outputs[1].field.shape == (1, 2, *SHAPE)
+
+    # level 0: constant fields compose additively, 2 iterations of (1.5, -0.5) coarse px
+    torch.testing.assert_close(outputs[0].field, _constant([3.0, -1.0], COARSE), atol=1e-5, rtol=0)
+    # level 1: upsampled to the fine grid (x 101 / 51 rows, x 77 / 39 columns, i.e. about doubled),
+    # plus 2 x (0.25, 0.75)
+    expected = _constant([3.0 * 101 / 51 + 0.5, -1.0 * 77 / 39 + 1.5], SHAPE)
+    torch.testing.assert_close(outputs[1].field, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(engine(moving, fixed), expected, atol=1e-5, rtol=0)
+
+    # network batches: at most `group_size` patches of (2, P, P); each pass covers every patch of the level once
+    for network, shape in ((coarse, COARSE), (fine, SHAPE)):
+        patches = len(PatchGrid(shape, PATCH, STRIDE))
+        sizes = [x.shape[0] for x in network.inputs]
+        assert all(x.shape[1:] == (2, PATCH, PATCH) for x in network.inputs)
+        assert max(sizes) <= GROUP
+        # levels() and forward() each ran ITERATIONS passes
+        assert sum(sizes) == 2 * ITERATIONS * patches
+        assert len(sizes) == 2 * ITERATIONS * -(-patches // GROUP)
+
+
+@torch.no_grad()
+def test_pyramid_first_batch_is_moving_and_fixed_patches():
+    """Channel 0 is the (warped) moving patch, channel 1 the fixed patch, cut from the zero-padded level images."""
+    moving, fixed = _images()
+    engine, coarse, _ = _engine()
+    engine(moving, fixed)
+    moving_l, fixed_l = downsample(moving, 2), downsample(fixed, 2)
+    grid = PatchGrid(COARSE, PATCH, STRIDE)
+    first = next(grid.groups(GROUP))
+    # first pass of level 0: the field is still zero, so the "warped" moving image is the moving image itself
+    expected = grid.extract(grid.pad(torch.cat([moving_l, fixed_l], 1)), first)
+    torch.testing.assert_close(coarse.inputs[0], expected, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_pyramid_starts_from_initial_field():
+    moving, fixed = _images()
+    engine, _, _ = _engine()
+    initial = _constant([4.0, -6.0], SHAPE)
+    outputs = list(engine.levels(moving, fixed, initial))
+    # level 0 starts from the initial field in coarse pixels
+    torch.testing.assert_close(
+        outputs[0].field, _constant([4.0 * 51 / 101 + 3.0, -6.0 * 39 / 77 - 1.0], COARSE), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        outputs[1].field, _constant([4.0 + 3.0 * 101 / 51 + 0.5, -6.0 - 77 / 39 + 1.5], SHAPE), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(resize_field(outputs[0].field, SHAPE) + _constant([0.5, 1.5], SHAPE), outputs[1].field)
+
+
+def test_pyramid_is_differentiable_through_the_blend():
+    """Training puts a loss on each level: gradients reach the network parameters through accumulate and fold."""
+
+    class ScaledNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, pair):
+            return self.weight * pair.mean(1, keepdim=True).expand(-1, 2, -1, -1)
+
+    nets = [ScaledNet(), ScaledNet()]
+    engine = PatchPyramidRegistration(nets, patch_size=PATCH, stride=STRIDE, group_size=GROUP, iterations=1)
+    moving, fixed = _images()
+    loss = sum(o.field.square().mean() for o in engine.levels(moving, fixed))
+    loss.backward()
+    assert all(n.weight.grad is not None and n.weight.grad.abs() > 0 for n in nets)

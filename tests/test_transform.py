@@ -1,0 +1,239 @@
+"""SlideTransform and PairGeometry: landmarks both ways against a known affine (with padding and downscaling),
+resampling of the original source onto the target, and the saved field."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from scripts.affine import affine_to_field
+from scripts.fields import FieldComposer
+from scripts.preprocess import PairGeometry, to_working_grid
+from scripts.transform import SlideTransform
+
+# MONAI's Warp announces its PyTorch fallback on CPU; nothing to act on here
+pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")
+
+TARGET_SHAPE = (300, 420)
+SOURCE_SHAPE = (340, 380)
+WORKING_SIZE = 200
+
+
+def _geometry() -> PairGeometry:
+    return PairGeometry.create(TARGET_SHAPE, SOURCE_SHAPE, working_size=WORKING_SIZE)
+
+
+def _affine(geometry: PairGeometry) -> np.ndarray:
+    """(2, 3) pull matrix in working pixels (row, column): 30 deg rotation and 1.05 scale about the centre, a shift."""
+    angle = math.radians(30.0)
+    linear = 1.05 * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    centre = (np.asarray(geometry.working_shape, dtype=np.float64) - 1) / 2
+    shift = np.array([4.0, -6.0])
+    return np.concatenate([linear, (centre - linear @ centre + shift)[:, None]], 1)
+
+
+def _nonrigid(shape: tuple[int, int]) -> torch.Tensor:
+    """(1, 2, h, w) smooth residual of about 2 working px."""
+    rows = torch.arange(shape[0], dtype=torch.float32)[:, None]
+    cols = torch.arange(shape[1], dtype=torch.float32)[None, :]
+    u_rows = 2.0 * torch.sin(2 * math.pi * (rows / shape[0] + 0.5 * cols / shape[1]) + 0.4)
+    u_cols = 1.5 * torch.cos(2 * math.pi * (0.5 * rows / shape[0] - cols / shape[1]) + 1.2)
+    return torch.stack([u_rows, u_cols])[None]
+
+
+def _transform(nonrigid: bool) -> SlideTransform:
+    geometry = _geometry()
+    matrix = torch.as_tensor(_affine(geometry), dtype=torch.float32)
+    field = affine_to_field(matrix, geometry.working_shape)
+    if nonrigid:
+        # the engine composes the nonrigid increments onto the affine: x -> x + v(x) -> A (x + v(x))
+        field = FieldComposer()(field, _nonrigid(geometry.working_shape))
+    return SlideTransform(geometry, matrix, field)
+
+
+def _target_points(count: int = 300, margin: float = 5.0, seed: int = 0) -> np.ndarray:
+    """(N, 2) [X, Y] target pixels, away from the edges (the field is only linear inside its grid)."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(margin, TARGET_SHAPE[1] - 1 - margin, count)
+    y = rng.uniform(margin, TARGET_SHAPE[0] - 1 - margin, count)
+    return np.stack([x, y], 1)
+
+
+def _analytic_target_to_source(points_xy: np.ndarray, geometry: PairGeometry, matrix: np.ndarray) -> np.ndarray:
+    """Documented formula, written out: original -> working (pad offset, pixel-centre scaling), A, working -> source."""
+    scale = np.asarray(geometry.working_shape, float) / np.asarray(geometry.common_shape, float)
+    rc = points_xy[:, ::-1]
+    working = (rc + np.asarray(geometry.target_offset) + 0.5) * scale - 0.5
+    moved = working @ matrix[:, :2].T + matrix[:, 2]
+    return ((moved + 0.5) / scale - 0.5 - np.asarray(geometry.source_offset))[:, ::-1]
+
+
+def _analytic_source_to_target(points_xy: np.ndarray, geometry: PairGeometry, matrix: np.ndarray) -> np.ndarray:
+    scale = np.asarray(geometry.working_shape, float) / np.asarray(geometry.common_shape, float)
+    rc = points_xy[:, ::-1]
+    working = (rc + np.asarray(geometry.source_offset) + 0.5) * scale - 0.5
+    moved = (working - matrix[:, 2]) @ np.linalg.inv(matrix[:, :2]).T
+    return ((moved + 0.5) / scale - 0.5 - np.asarray(geometry.target_offset))[:, ::-1]
+
+
+def test_geometry_pads_and_downscales():
+    geometry = _geometry()
+    assert geometry.common_shape == (340, 420)
+    assert geometry.target_offset == (20, 0) and geometry.source_offset == (0, 20)  # different offsets per image
+    assert geometry.working_shape == (round(340 * 200 / 420), 200)
+    points = np.array([[0.0, 0.0], [12.5, 100.25], [299.0, 419.0]])
+    for frame in ("target", "source"):
+        np.testing.assert_allclose(geometry.from_working(geometry.to_working(points, frame), frame), points, atol=1e-9)
+    # the same working position is different original pixels in the two images (by the offset difference)
+    working = geometry.to_working(points, "target")
+    np.testing.assert_allclose(geometry.from_working(working, "source") - points, [[20.0, -20.0]] * 3, atol=1e-9)
+    with pytest.raises(ValueError):
+        geometry.to_working(points, "fixed")
+    # a small pair is never upsampled
+    assert PairGeometry.create((30, 40), (20, 50), 200).working_shape == (30, 50)
+
+
+@pytest.mark.parametrize("frame", ["target", "source"])
+def test_to_working_matches_resampled_image(frame):
+    """A blob at original pixel p of the padded and resampled image lands at ``to_working(p)``."""
+    geometry = _geometry()
+    shape = TARGET_SHAPE if frame == "target" else SOURCE_SHAPE
+    centre = np.array([[83.0, 291.0]])  # (row, column)
+    rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    blob = np.exp(-((rows - centre[0, 0]) ** 2 + (cols - centre[0, 1]) ** 2) / (2 * 6.0**2))
+    working = to_working_grid(torch.as_tensor(blob, dtype=torch.float32)[None], geometry)[0].double().numpy()
+    assert working.shape == geometry.working_shape
+    w_rows, w_cols = np.meshgrid(*(np.arange(n) for n in working.shape), indexing="ij")
+    found = np.array([(working * w_rows).sum(), (working * w_cols).sum()]) / working.sum()
+    np.testing.assert_allclose(found, geometry.to_working(centre, frame)[0], atol=0.1)
+
+
+def test_target_to_source_matches_analytic_affine():
+    transform = _transform(nonrigid=False)
+    points = _target_points()
+    expected = _analytic_target_to_source(points, transform.geometry, _affine(transform.geometry))
+    mapped = transform.target_to_source(points)
+    assert mapped.shape == points.shape
+    np.testing.assert_allclose(mapped, expected, atol=0.02)
+    # not a trivial mapping: rotation, scale and the padding offsets all moved the points a lot
+    assert np.abs(mapped - points).max() > 50
+
+
+def test_source_to_target_inverts_affine():
+    transform = _transform(nonrigid=False)
+    matrix = _affine(transform.geometry)
+    points = _target_points()
+    sources = transform.target_to_source(points)
+    back = transform.source_to_target(sources)
+    assert np.abs(back - points).max() < 0.05
+    np.testing.assert_allclose(
+        transform.source_to_target(sources), _analytic_source_to_target(sources, transform.geometry, matrix), atol=0.02
+    )
+    # and directly on arbitrary source points against the analytic inverse
+    rng = np.random.default_rng(5)
+    source_points = np.stack([rng.uniform(0, SOURCE_SHAPE[1] - 1, 100), rng.uniform(0, SOURCE_SHAPE[0] - 1, 100)], 1)
+    expected = _analytic_source_to_target(source_points, transform.geometry, matrix)
+    np.testing.assert_allclose(transform.source_to_target(source_points), expected, atol=0.02)
+
+
+def test_round_trip_with_nonrigid_part():
+    rigid, transform = _transform(nonrigid=False), _transform(nonrigid=True)
+    points = _target_points(margin=15.0)
+    sources = transform.target_to_source(points)
+    # the nonrigid part matters (a few original px on top of the affine) ...
+    assert np.abs(sources - rigid.target_to_source(points)).max() > 2.0
+    # ... and is inverted with the affine
+    back = transform.source_to_target(sources)
+    assert np.abs(back - points).max() < 0.1
+    # source -> target -> source
+    sources_again = transform.target_to_source(back)
+    assert np.abs(sources_again - sources).max() < 0.1
+
+
+def _source_pixels_of_target() -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = np.meshgrid(np.arange(TARGET_SHAPE[0]), np.arange(TARGET_SHAPE[1]), indexing="ij")
+    return np.stack([cols.ravel(), rows.ravel()], 1).astype(np.float64), rows
+
+
+@pytest.mark.parametrize("nonrigid", [False, True])
+def test_warp_source_moves_dot_to_mapped_target_position(nonrigid):
+    transform = _transform(nonrigid)
+    dot_xy = np.array([[190.0, 170.0]])  # source [X, Y]
+    rows, cols = np.meshgrid(np.arange(SOURCE_SHAPE[0]), np.arange(SOURCE_SHAPE[1]), indexing="ij")
+    tissue = 0.8 - 0.7 * np.exp(-((cols - dot_xy[0, 0]) ** 2 + (rows - dot_xy[0, 1]) ** 2) / (2 * 3.0**2))
+    source = np.repeat(tissue[..., None], 3, axis=2).astype(np.float32)
+
+    warped = transform.warp_source(source, band_rows=64)
+    assert warped.shape == (*TARGET_SHAPE, 3) and warped.dtype == np.float32
+    np.testing.assert_array_equal(warped, transform.warp_source(source))  # banding changes nothing
+
+    # where target_to_source sends the target point, the dot must be
+    expected_xy = transform.source_to_target(dot_xy)[0]
+    np.testing.assert_allclose(transform.target_to_source(expected_xy[None])[0], dot_xy[0], atol=0.1)
+    x0, y0 = np.round(expected_xy).astype(int)
+    assert 20 <= x0 < TARGET_SHAPE[1] - 20 and 20 <= y0 < TARGET_SHAPE[0] - 20
+    window = (slice(y0 - 15, y0 + 16), slice(x0 - 15, x0 + 16))
+    weight = np.clip(0.8 - warped[..., 0], 0, None)[window]
+    t_rows, t_cols = np.meshgrid(np.arange(TARGET_SHAPE[0]), np.arange(TARGET_SHAPE[1]), indexing="ij")
+    found_xy = np.array([(weight * t_cols[window]).sum(), (weight * t_rows[window]).sum()]) / weight.sum()
+    assert np.abs(found_xy - expected_xy).max() < 1.0
+
+    # outside the source: white glass; well inside (away from the dot): the tissue grey
+    targets, _ = _source_pixels_of_target()
+    mapped = transform.target_to_source(targets)
+    height, width = SOURCE_SHAPE
+    outside = (mapped[:, 0] < -2) | (mapped[:, 0] > width + 1) | (mapped[:, 1] < -2) | (mapped[:, 1] > height + 1)
+    inside = (mapped[:, 0] > 2) & (mapped[:, 0] < width - 3) & (mapped[:, 1] > 2) & (mapped[:, 1] < height - 3)
+    inside &= np.hypot(*(mapped - dot_xy).T) > 20
+    assert outside.sum() > 1000 and inside.sum() > 1000  # the rotation leaves target corners without source data
+    flat = warped.reshape(-1, 3)
+    np.testing.assert_allclose(flat[outside], 1.0, atol=1e-6)
+    np.testing.assert_allclose(flat[inside], 0.8, atol=1e-4)
+
+
+@pytest.mark.parametrize("nonrigid", [False, True])
+def test_warp_source_agrees_with_target_to_source_everywhere(nonrigid):
+    """Warp a source that encodes its own coordinates: every target pixel reads the source pixel it maps to."""
+    transform = _transform(nonrigid)
+    height, width = SOURCE_SHAPE
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    source = np.stack([rows / (height - 1), cols / (width - 1), np.full(rows.shape, 0.5)], -1).astype(np.float32)
+    warped = transform.warp_source(source).reshape(-1, 3).astype(np.float64)
+    targets, _ = _source_pixels_of_target()
+    mapped = transform.target_to_source(targets)  # [X, Y]
+    inside = (mapped[:, 0] > 1) & (mapped[:, 0] < width - 2) & (mapped[:, 1] > 1) & (mapped[:, 1] < height - 2)
+    assert inside.sum() > 50000
+    read_rows = warped[inside, 0] * (height - 1)
+    read_cols = warped[inside, 1] * (width - 1)
+    assert np.abs(read_rows - mapped[inside, 1]).max() < 0.05
+    assert np.abs(read_cols - mapped[inside, 0]).max() < 0.05
+
+
+@pytest.mark.parametrize("name", ["field.nii.gz", "case.field.nii"])
+def test_save_field_nifti_and_sidecar(tmp_path, name):
+    transform = _transform(nonrigid=True)
+    path = tmp_path / "out" / name
+    transform.save_field(path)
+
+    image = nib.load(str(path))
+    array = np.asarray(image.dataobj)
+    height, width = transform.geometry.working_shape
+    assert array.shape == (height, width, 1, 2)
+    expected = transform.field[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(array[:, :, 0, :], expected)
+    np.testing.assert_array_equal(image.affine, np.eye(4))
+    assert image.header.get_intent()[0] == "vector"
+
+    stem = name.replace(".nii.gz", "").replace(".nii", "")
+    sidecar = json.loads((path.parent / f"{stem}.json").read_text())
+    assert sidecar["geometry"] == transform.geometry.to_dict()
+    assert sidecar["geometry"]["target_offset"] == [20, 0] and sidecar["geometry"]["source_offset"] == [0, 20]
+    np.testing.assert_allclose(sidecar["affine_working_pixels"], transform.affine.numpy(), atol=1e-6)
+    assert "pull" in sidecar["convention"].lower()
+    # nothing but the two files (no temporary left behind)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([name, f"{stem}.json"])
