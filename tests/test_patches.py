@@ -106,7 +106,7 @@ def _images() -> tuple[torch.Tensor, torch.Tensor]:
 def _engine() -> tuple[PatchPyramidRegistration, ConstantNet, ConstantNet]:
     coarse, fine = ConstantNet(1.5, -0.5), ConstantNet(0.25, 0.75)
     engine = PatchPyramidRegistration(
-        [coarse, fine], patch_size=PATCH, stride=STRIDE, group_size=GROUP, iterations=ITERATIONS
+        [coarse, fine], patch_size=PATCH, stride=STRIDE, group_size=GROUP, iterations=ITERATIONS, antisymmetric=False
     )
     return engine, coarse, fine
 
@@ -188,8 +188,29 @@ def test_pyramid_is_differentiable_through_the_blend():
             return self.weight * pair.mean(1, keepdim=True).expand(-1, 2, -1, -1)
 
     nets = [ScaledNet(), ScaledNet()]
-    engine = PatchPyramidRegistration(nets, patch_size=PATCH, stride=STRIDE, group_size=GROUP, iterations=1)
+    engine = PatchPyramidRegistration(
+        nets, patch_size=PATCH, stride=STRIDE, group_size=GROUP, iterations=1, antisymmetric=False
+    )
     moving, fixed = _images()
     loss = sum(o.field.square().mean() for o in engine.levels(moving, fixed))
     loss.backward()
     assert all(n.weight.grad is not None and n.weight.grad.abs() > 0 for n in nets)
+
+
+class FirstChannelNet(torch.nn.Module):
+    """Displacement = a constant plus a content response that depends on which input is first."""
+
+    def forward(self, pair):
+        response = (2.0 * pair[:, :1] - 0.5 * pair[:, 1:]).expand(-1, 2, -1, -1)
+        return response + torch.tensor([1.5, -0.5]).view(1, 2, 1, 1)
+
+
+@torch.no_grad()
+def test_antisymmetric_prediction_cancels_content_free_responses():
+    moving, fixed = _images()
+    engine = PatchPyramidRegistration([FirstChannelNet()], patch_size=PATCH, stride=STRIDE, group_size=GROUP)
+    # identical inputs: the constant and the content response cancel exactly
+    assert engine.predict(engine.networks[0], moving, moving).abs().max() == 0
+    # otherwise the half difference of the two input orders: (2m - f/2 - (2f - m/2)) / 2 = 1.25 (m - f)
+    expected = (1.25 * (moving - fixed)).expand(-1, 2, -1, -1)
+    assert torch.allclose(engine.predict(engine.networks[0], moving, fixed), expected, atol=1e-5)

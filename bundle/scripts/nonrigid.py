@@ -46,6 +46,10 @@ class PatchPyramidRegistration(torch.nn.Module):
         stride: S in pixels.
         group_size: G, patches per network batch; bounds memory independently of the image size.
         iterations: M, inner iterations per level.
+        antisymmetric: predict ``(N(moving, fixed) - N(fixed, moving)) / 2`` instead of ``N(moving, fixed)``. Swapping
+            the inputs inverts a small displacement, so this keeps the prediction but cancels any response the network
+            gives regardless of content: identical patches (and empty glass) get exactly zero displacement. Costs a
+            second pass over each group.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class PatchPyramidRegistration(torch.nn.Module):
         stride: int = 64,
         group_size: int = 32,
         iterations: int = 3,
+        antisymmetric: bool = True,
     ) -> None:
         super().__init__()
         self.networks = torch.nn.ModuleList(networks)
@@ -62,6 +67,7 @@ class PatchPyramidRegistration(torch.nn.Module):
         self.stride = stride
         self.group_size = group_size
         self.iterations = iterations
+        self.antisymmetric = antisymmetric
         self.warp = Warp(mode="bilinear", padding_mode="zeros")  # zeros = background outside the tissue image
         self.compose = FieldComposer()
 
@@ -106,5 +112,11 @@ class PatchPyramidRegistration(torch.nn.Module):
         pair = grid.pad(torch.cat([moving, fixed], dim=1))
         total, weights = grid.new_accumulator(2, pair)
         for origins in grid.groups(self.group_size):
-            total, weights = grid.accumulate(total, weights, network(grid.extract(pair, origins)), origins)
+            patches = grid.extract(pair, origins)
+            if self.antisymmetric:
+                both = network(torch.cat([patches, patches.flip(1)], dim=0))
+                displacement = 0.5 * (both[: len(origins)] - both[len(origins) :])
+            else:
+                displacement = network(patches)
+            total, weights = grid.accumulate(total, weights, displacement, origins)
         return grid.fold(total, weights)
