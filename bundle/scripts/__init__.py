@@ -8,3 +8,15 @@ from .errors import RegistrationInputError
 from .networks import identity_initialised
 from .nonrigid import PatchPyramidRegistration
 from .registration import SlidePairRegistration
+
+__all__ = [
+    "AffineInitializer",
+    "BatchRegistration",
+    "PatchPyramidRegistration",
+    "RegistrationInputError",
+    "SlidePairRegistration",
+    "identity_initialised",
+    "load_weights",
+    "read_cover_table",
+    "select_pairs",
+]
