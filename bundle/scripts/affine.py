@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fields import identity_grid
+
 __all__ = ["AffineInitializer", "affine_to_field"]
 
 # (row, col) <-> (x, y): F.affine_grid orders coordinates last axis first.
@@ -239,9 +241,7 @@ def affine_to_field(matrix: Tensor, shape: tuple[int, int]) -> Tensor:
         ``u(x) = A x - x`` as ``(1, 2, H, W)`` in pixels, channel 0 rows, channel 1 columns, on ``matrix``'s device
         and dtype, so that ``Warp()(moving, u)(x) = moving(A x)``.
     """
-    rows = torch.arange(shape[0], dtype=matrix.dtype, device=matrix.device)
-    cols = torch.arange(shape[1], dtype=matrix.dtype, device=matrix.device)
-    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, H, W)
+    grid = identity_grid(shape, matrix.device).to(matrix.dtype)[0]  # (2, H, W)
     identity = torch.eye(2, dtype=matrix.dtype, device=matrix.device)
     field = torch.einsum("ij,jhw->ihw", matrix[:, :2] - identity, grid) + matrix[:, 2, None, None]
     return field[None]

@@ -121,8 +121,10 @@ class BatchRegistration:
                 WARPED_TARGET_LANDMARKS: "",
                 STATUS: "OK",
             }
+            warped_source_landmarks = None
             if source_landmarks is not None:
-                write_landmarks(staging / "warped-source-landmarks.csv", transform.source_to_target(source_landmarks))
+                warped_source_landmarks = transform.source_to_target(source_landmarks)
+                write_landmarks(staging / "warped-source-landmarks.csv", warped_source_landmarks)
                 outputs[WARPED_SOURCE_LANDMARKS] = f"{pair.name}/warped-source-landmarks.csv"
             if target_landmarks is not None:
                 write_landmarks(staging / "warped-target-landmarks.csv", transform.target_to_source(target_landmarks))
@@ -130,7 +132,9 @@ class BatchRegistration:
             for stage in STAGES:
                 save_stage_panels(staging, stage, result.fixed, result.stages[stage])
             timings["outputs"] = time.perf_counter() - started
-            scores = self._scores(transform, source_landmarks, target_landmarks, target.pixels.shape[:2])
+            scores = self._scores(
+                transform, source_landmarks, warped_source_landmarks, target_landmarks, target.pixels.shape[:2]
+            )
             record = {
                 "source": str(pair.image_path(SOURCE_IMAGE)),
                 "target": str(pair.image_path(TARGET_IMAGE)),
@@ -154,10 +158,12 @@ class BatchRegistration:
     def _scores(
         transform: SlideTransform,
         source_landmarks: np.ndarray | None,
+        warped_source_landmarks: np.ndarray | None,
         target_landmarks: np.ndarray | None,
         target_shape: tuple[int, int],
     ) -> dict[str, PairScores]:
-        """ANHIR scores of the source landmarks warped into the target frame, after each stage."""
+        """ANHIR scores of the source landmarks warped into the target frame, after each stage
+        (``warped_source_landmarks``: the nonrigid stage's, already computed for the output file)."""
         if source_landmarks is None or target_landmarks is None:
             return {}
         diagonal = image_diagonal(target_shape)
@@ -167,7 +173,7 @@ class BatchRegistration:
         warped = {
             "initial": source_landmarks,
             "affine": affine_only.source_to_target(source_landmarks),
-            "nonrigid": transform.source_to_target(source_landmarks),
+            "nonrigid": warped_source_landmarks,
         }
         return {stage: score_pair(points, target_landmarks, source_landmarks, diagonal) for stage, points in warped.items()}
 
