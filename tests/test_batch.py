@@ -200,14 +200,15 @@ def test_batch_records_every_row_and_goes_on_after_failures(inputs, batch):
     assert good["Displacement field"] == f"{batch.name}/displacement-field.nii.gz"
     assert good["Warped source landmarks"] == f"{batch.name}/warped-source-landmarks.csv"
     assert good["Warped target landmarks"] == f"{batch.name}/warped-target-landmarks.csv"
-    for column in ("Warped source image", "Displacement field", "Warped source landmarks", "Warped target landmarks"):
+    assert good["Warped source landmarks (affine)"] == f"{batch.name}/warped-source-landmarks-affine.csv"
+    for column in RESULT_COLUMNS[:5]:
         assert (batch.out / good[column]).is_file(), column
     assert 0 < float(good["Execution time [minutes]"]) < 10
 
     for index, (path, problem) in inputs.failures.items():
         status = rows[index]["Status"]
         assert status.startswith(f"failed: {path}: {problem}"), status
-        assert [rows[index][column] for column in RESULT_COLUMNS[:4]] == ["", "", "", ""]  # no output paths
+        assert [rows[index][column] for column in RESULT_COLUMNS[:5]] == ["", "", "", "", ""]  # no output paths
         assert float(rows[index]["Execution time [minutes]"]) >= 0
 
     # only the good pair got a folder; no hidden staging or retired folder, no temporary file is left
@@ -289,6 +290,11 @@ def test_warped_landmark_files(inputs, batch):
     rtre = np.linalg.norm(warped_source - inputs.target_landmarks, axis=1) / diagonal
     assert record["landmark_scores"]["nonrigid"]["rtre_median"] == pytest.approx(np.median(rtre), abs=1e-5)
     scores = record["landmark_scores"]
+    # the affine stage's file holds the landmarks its scores were computed from
+    warped_affine = read_landmarks(batch.pair / "warped-source-landmarks-affine.csv")
+    assert warped_affine.shape == inputs.source_landmarks.shape
+    rtre = np.linalg.norm(warped_affine - inputs.target_landmarks, axis=1) / diagonal
+    assert scores["affine"]["rtre_median"] == pytest.approx(np.median(rtre), abs=1e-5)
     assert scores["affine"]["rtre_median"] < scores["initial"]["rtre_median"]  # the affine stage aligns the pair
 
 
@@ -298,6 +304,7 @@ def test_stage_panels_and_registration_record(inputs, batch):
         "displacement-field.nii.gz",
         "displacement-field.json",
         "warped-source-landmarks.csv",
+        "warped-source-landmarks-affine.csv",
         "warped-target-landmarks.csv",
         "registration.json",
         *PANELS,
@@ -341,6 +348,7 @@ def test_mismatched_landmark_counts_register_with_a_warning(inputs, registration
     assert summary["failed"] == 0 and summary["stages"]["nonrigid"]["pairs"] == 1
     # each file keeps all its own points; only the scoring pairs the first 76
     assert read_landmarks(tmp_path / "out" / row["Warped source landmarks"]).shape == (78, 2)
+    assert read_landmarks(tmp_path / "out" / row["Warped source landmarks (affine)"]).shape == (78, 2)
     assert read_landmarks(tmp_path / "out" / row["Warped target landmarks"]).shape == (76, 2)
 
 

@@ -5,6 +5,7 @@ from .batch import BatchRegistration
 from .checkpoint import load_weights
 from .cover_table import read_cover_table, select_pairs
 from .errors import RegistrationInputError
+from .evaluation import ResultsEvaluation
 from .networks import identity_initialised
 from .nonrigid import PatchPyramidRegistration
 from .registration import SlidePairRegistration
@@ -14,6 +15,7 @@ __all__ = [
     "BatchRegistration",
     "PatchPyramidRegistration",
     "RegistrationInputError",
+    "ResultsEvaluation",
     "SlidePairRegistration",
     "identity_initialised",
     "load_weights",

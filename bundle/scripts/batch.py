@@ -26,12 +26,15 @@ logger = logging.getLogger(__name__)
 
 WARPED_SOURCE_LANDMARKS = "Warped source landmarks"
 WARPED_TARGET_LANDMARKS = "Warped target landmarks"
+# An intermediate stage's landmarks, in the `Warped source landmarks (<stage>)` form that `run evaluate` scores.
+WARPED_SOURCE_LANDMARKS_AFFINE = "Warped source landmarks (affine)"
 WARPED_SOURCE_IMAGE = "Warped source image"
 DISPLACEMENT_FIELD = "Displacement field"
 EXECUTION_TIME = "Execution time [minutes]"
 STATUS = "Status"
 RESULT_COLUMNS = (
-    WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS, WARPED_SOURCE_IMAGE, DISPLACEMENT_FIELD, EXECUTION_TIME, STATUS,
+    WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS, WARPED_SOURCE_LANDMARKS_AFFINE, WARPED_SOURCE_IMAGE,
+    DISPLACEMENT_FIELD, EXECUTION_TIME, STATUS,
 )
 STAGES = ("initial", "affine", "nonrigid")
 
@@ -119,22 +122,23 @@ class BatchRegistration:
                 DISPLACEMENT_FIELD: f"{pair.name}/displacement-field.nii.gz",
                 WARPED_SOURCE_LANDMARKS: "",
                 WARPED_TARGET_LANDMARKS: "",
+                WARPED_SOURCE_LANDMARKS_AFFINE: "",
                 STATUS: "OK",
             }
-            warped_source_landmarks = None
+            warped_source_landmarks = {}
             if source_landmarks is not None:
-                warped_source_landmarks = transform.source_to_target(source_landmarks)
-                write_landmarks(staging / "warped-source-landmarks.csv", warped_source_landmarks)
+                warped_source_landmarks = self._warp_per_stage(transform, source_landmarks)
+                write_landmarks(staging / "warped-source-landmarks.csv", warped_source_landmarks["nonrigid"])
                 outputs[WARPED_SOURCE_LANDMARKS] = f"{pair.name}/warped-source-landmarks.csv"
+                write_landmarks(staging / "warped-source-landmarks-affine.csv", warped_source_landmarks["affine"])
+                outputs[WARPED_SOURCE_LANDMARKS_AFFINE] = f"{pair.name}/warped-source-landmarks-affine.csv"
             if target_landmarks is not None:
                 write_landmarks(staging / "warped-target-landmarks.csv", transform.target_to_source(target_landmarks))
                 outputs[WARPED_TARGET_LANDMARKS] = f"{pair.name}/warped-target-landmarks.csv"
             for stage in STAGES:
                 save_stage_panels(staging, stage, result.fixed, result.stages[stage])
             timings["outputs"] = time.perf_counter() - started
-            scores = self._scores(
-                transform, source_landmarks, warped_source_landmarks, target_landmarks, target.pixels.shape[:2]
-            )
+            scores = self._scores(warped_source_landmarks, target_landmarks, target.pixels.shape[:2])
             record = {
                 "source": str(pair.image_path(SOURCE_IMAGE)),
                 "target": str(pair.image_path(TARGET_IMAGE)),
@@ -155,27 +159,33 @@ class BatchRegistration:
         return None if path is None else read_landmarks(path)
 
     @staticmethod
-    def _scores(
-        transform: SlideTransform,
-        source_landmarks: np.ndarray | None,
-        warped_source_landmarks: np.ndarray | None,
-        target_landmarks: np.ndarray | None,
-        target_shape: tuple[int, int],
-    ) -> dict[str, PairScores]:
-        """ANHIR scores of the source landmarks warped into the target frame, after each stage
-        (``warped_source_landmarks``: the nonrigid stage's, already computed for the output file)."""
-        if source_landmarks is None or target_landmarks is None:
-            return {}
-        diagonal = image_diagonal(target_shape)
+    def _warp_per_stage(transform: SlideTransform, source_landmarks: np.ndarray) -> dict[str, np.ndarray]:
+        """The ``(N, 2)`` source landmarks ``[X, Y]`` mapped into the target frame as each stage leaves them."""
         affine_only = SlideTransform(
             transform.geometry, transform.affine, affine_to_field(transform.affine, tuple(transform.field.shape[-2:]))
         )
-        warped = {
+        return {
             "initial": source_landmarks,
             "affine": affine_only.source_to_target(source_landmarks),
-            "nonrigid": warped_source_landmarks,
+            "nonrigid": transform.source_to_target(source_landmarks),
         }
-        return {stage: score_pair(points, target_landmarks, source_landmarks, diagonal) for stage, points in warped.items()}
+
+    @staticmethod
+    def _scores(
+        warped_source_landmarks: dict[str, np.ndarray],
+        target_landmarks: np.ndarray | None,
+        target_shape: tuple[int, int],
+    ) -> dict[str, PairScores]:
+        """ANHIR scores of each stage's warped source landmarks (from :meth:`_warp_per_stage`; empty without
+        source landmarks) against the target landmarks."""
+        if not warped_source_landmarks or target_landmarks is None:
+            return {}
+        diagonal = image_diagonal(target_shape)
+        source_landmarks = warped_source_landmarks["initial"]
+        return {
+            stage: score_pair(points, target_landmarks, source_landmarks, diagonal)
+            for stage, points in warped_source_landmarks.items()
+        }
 
     @staticmethod
     def _publish(staging: Path, final: Path) -> None:
