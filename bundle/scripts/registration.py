@@ -51,7 +51,10 @@ class SlidePairRegistration:
         device: torch.device | str = "cpu",
     ) -> None:
         self.device = torch.device(device)
-        self.nonrigid = nonrigid.to(self.device).eval()
+        # channels-last convolutions run the U-Nets about 1.25x faster on CPU (measured, benchmarks/); on a GPU the
+        # layout is left to PyTorch
+        layout = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
+        self.nonrigid = nonrigid.to(self.device, memory_format=layout).eval()
         self.initializer = initializer
         self.working_size = working_size
 
