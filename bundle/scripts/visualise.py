@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .slide_io import atomic_path
+from .slide_io import PNG_COMPRESSION, atomic_path
 
 ImageLike = np.ndarray | torch.Tensor
 
@@ -107,7 +107,7 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     pixels = Image.fromarray(_to_uint8(array))
     target = Path(path)
     with atomic_path(target) as temporary:
-        pixels.save(temporary, format="PNG")
+        pixels.save(temporary, format="PNG", compress_level=PNG_COMPRESSION)
     return target
 
 
