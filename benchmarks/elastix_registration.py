@@ -74,25 +74,19 @@ from scripts.cover_table import (
     PairRow,
     read_cover_table,
 )
+from scripts.batch import (
+    EXECUTION_TIME,
+    RESULT_COLUMNS,
+    STATUS,
+    WARPED_SOURCE_LANDMARKS,
+    WARPED_SOURCE_LANDMARKS_AFFINE,
+)
 from scripts.errors import RegistrationInputError
 from scripts.preprocess import PairGeometry, tissue_image, to_working_grid
 from scripts.slide_io import atomic_path, read_landmarks, read_slide, write_landmarks
 
 logger = logging.getLogger("elastix_registration")
 
-# the bundle's results columns (scripts.batch), repeated here so that this baseline does not depend on the bundle's
-# batch module beyond the shared reading and preprocessing code
-WARPED_SOURCE_LANDMARKS = "Warped source landmarks"
-WARPED_SOURCE_LANDMARKS_AFFINE = "Warped source landmarks (affine)"
-WARPED_TARGET_LANDMARKS = "Warped target landmarks"
-WARPED_SOURCE_IMAGE = "Warped source image"
-DISPLACEMENT_FIELD = "Displacement field"
-EXECUTION_TIME = "Execution time [minutes]"
-STATUS = "Status"
-RESULT_COLUMNS = (
-    WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS, WARPED_SOURCE_LANDMARKS_AFFINE, WARPED_SOURCE_IMAGE,
-    DISPLACEMENT_FIELD, EXECUTION_TIME, STATUS,
-)
 IMAGE = itk.Image[itk.F, 2]
 
 

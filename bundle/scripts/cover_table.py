@@ -52,6 +52,22 @@ class PairRow:
         return f"{self.index}_{source}_to_{target}"
 
 
+def read_csv_table(path: Path, what: str) -> tuple[list[str], list[dict[str, str]]]:
+    """Column names and rows of a CSV table (a BOM is accepted); ``what`` names the table in the errors.
+
+    Raises:
+        RegistrationInputError: the file is missing or cannot be read as CSV.
+    """
+    if not path.is_file():
+        raise RegistrationInputError(path, f"{what} not found")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            return list(reader.fieldnames or []), [dict(row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise RegistrationInputError(path, f"cannot be read as a CSV table: {error}") from error
+
+
 def read_cover_table(path: str | Path) -> tuple[list[str], list[PairRow]]:
     """Read a cover CSV: returns its column names (in order) and its rows.
 
@@ -59,15 +75,7 @@ def read_cover_table(path: str | Path) -> tuple[list[str], list[PairRow]]:
         RegistrationInputError: the file is missing or unreadable, lacks the image columns, or has no rows.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RegistrationInputError(path, "cover table not found")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = list(reader.fieldnames or [])
-            rows = [dict(row) for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise RegistrationInputError(path, f"cannot be read as a CSV table: {error}") from error
+    columns, rows = read_csv_table(path, "cover table")
     missing = [column for column in (TARGET_IMAGE, SOURCE_IMAGE) if column not in columns]
     if missing:
         raise RegistrationInputError(path, f"cover table lacks the column(s) {missing}; it has {columns}")

@@ -22,7 +22,15 @@ import tifffile
 from PIL import Image
 
 from .batch import EXECUTION_TIME, STATUS, WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS
-from .cover_table import PATH_COLUMNS, SOURCE_LANDMARKS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow, read_cover_table
+from .cover_table import (
+    PATH_COLUMNS,
+    SOURCE_LANDMARKS,
+    TARGET_IMAGE,
+    TARGET_LANDMARKS,
+    PairRow,
+    read_cover_table,
+    read_csv_table,
+)
 from .errors import RegistrationInputError
 from .evaluation_plots import save_evaluation_plots
 from .metrics import PairScores, image_diagonal, pair_landmarks, score_pair, summarise
@@ -243,15 +251,7 @@ class ResultsEvaluation:
 
 def _read_results(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """Column names and rows of a results table, which must hold the cover table's four path columns."""
-    if not path.is_file():
-        raise RegistrationInputError(path, "results table not found")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = list(reader.fieldnames or [])
-            rows = [dict(row) for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise RegistrationInputError(path, f"cannot be read as a CSV table: {error}") from error
+    columns, rows = read_csv_table(path, "results table")
     missing = [column for column in PATH_COLUMNS if column not in columns]
     if missing:
         raise RegistrationInputError(
