@@ -98,15 +98,12 @@ def run_measured(command: list[str], cwd: Path, log: Path, env: dict | None = No
     }
 
 
-def current_rss_mb() -> float:
-    """Resident memory of this process now, MB (Linux /proc; falls back to the peak elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return peak_rss_mb()
+def status_mb(key: str) -> float:
+    """A memory line of this process's ``/proc/self/status`` (Linux), e.g. ``VmRSS`` or ``VmHWM``, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(f"{key} not in /proc/self/status")
 
 
 def peak_rss_mb() -> float:

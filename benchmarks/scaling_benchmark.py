@@ -36,18 +36,21 @@ from pathlib import Path
 
 from monai.bundle import ConfigParser
 
-from common import BUNDLE, REPO, RESULTS, command_line, machine_info, markdown_table, run_measured, write_outputs
+from common import (
+    BUNDLE,
+    REPO,
+    RESULTS,
+    command_line,
+    machine_info,
+    markdown_table,
+    run_measured,
+    status_mb,
+    write_outputs,
+)
 
 TARGET = BUNDLE / "sample/rat-kidney/Rat-Kidney_HE.jpg"
 SOURCE = BUNDLE / "sample/rat-kidney/Rat-Kidney_PanCytokeratin.jpg"
 DEFAULT_GROUP_SIZE = int(ConfigParser.load_config_file(BUNDLE / "configs/inference.yaml")["group_size"])
-
-
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
 
 
 # Resetting VmHWM also resets what getrusage / wait4 report as ru_maxrss (the kernel keeps one high-water mark),
@@ -57,7 +60,7 @@ _PROCESS_PEAK = [0.0]
 
 def _reset_peak() -> None:
     """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0), keeping the running maximum."""
-    _PROCESS_PEAK[0] = max(_PROCESS_PEAK[0], _status_mb("VmHWM"))
+    _PROCESS_PEAK[0] = max(_PROCESS_PEAK[0], status_mb("VmHWM"))
     Path("/proc/self/clear_refs").write_text("5")
 
 
@@ -69,11 +72,11 @@ class MeasuredStage:
 
     def __call__(self, *args, **kwargs):
         # the peak since the last reset belongs to what ran before this stage (preprocessing, for the affine)
-        self._log.setdefault("_before", {})[self._name] = _status_mb("VmHWM")
+        self._log.setdefault("_before", {})[self._name] = status_mb("VmHWM")
         _reset_peak()
-        start_rss = _status_mb("VmRSS")
+        start_rss = status_mb("VmRSS")
         result = self._component(*args, **kwargs)
-        self._log[self._name] = {"start_rss_mb": start_rss, "peak_rss_mb": _status_mb("VmHWM")}
+        self._log[self._name] = {"start_rss_mb": start_rss, "peak_rss_mb": status_mb("VmHWM")}
         self._log[self._name]["increase_mb"] = self._log[self._name]["peak_rss_mb"] - start_rss
         _reset_peak()
         return result
@@ -120,7 +123,7 @@ def worker(size: int, group_size: int, output: Path, threads: int | None) -> Non
     log: dict = {}
     registration.initializer = MeasuredStage(registration.initializer, "affine", log)
     registration.nonrigid = MeasuredStage(registration.nonrigid, "nonrigid", log)
-    rss_before = _status_mb("VmRSS")
+    rss_before = status_mb("VmRSS")
     _reset_peak()
     _PROCESS_PEAK[0] = rss_before  # from here on: the registration's peak (the warm-up's and upsampling's are not)
     start = time.perf_counter()
