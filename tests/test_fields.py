@@ -12,7 +12,7 @@ from scipy.ndimage import gaussian_filter
 from skimage import data
 from skimage.color import rgb2gray
 
-from scripts.fields import FieldComposer, identity_grid, invert_points, resize_field, sample_field
+from scripts.fields import compose_fields, identity_grid, invert_points, pull, resize_field, sample_field
 
 # MONAI's Warp announces its PyTorch fallback on CPU; nothing to act on here
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")
@@ -52,7 +52,7 @@ def test_composition_matches_sequential_warp():
     warp = Warp(mode="bilinear", padding_mode="border")
 
     twice = warp(warp(image, u1), u2)  # image by u1, then the result by u2
-    once = warp(image, FieldComposer()(u1, u2))
+    once = warp(image, compose_fields(u1, u2))
     summed = warp(image, u1 + u2)  # the wrong composition
 
     margin = 16  # displacements stay below ~6 px: the interior never reads across the border
@@ -69,19 +69,45 @@ def test_composition_matches_sequential_warp():
 def test_composition_definition_on_grid():
     """Constant fields add; composing with zero is the identity; the documented formula holds at pixel centres."""
     shape = (40, 50)
-    compose = FieldComposer()
     a = torch.tensor([1.5, -2.0]).view(1, 2, 1, 1).expand(1, 2, *shape)
     b = torch.tensor([-0.25, 3.0]).view(1, 2, 1, 1).expand(1, 2, *shape)
-    torch.testing.assert_close(compose(a, b), a + b)
+    torch.testing.assert_close(compose_fields(a, b), a + b)
     u = smooth_field(shape)
-    torch.testing.assert_close(compose(u, torch.zeros_like(u)), u)
-    torch.testing.assert_close(compose(torch.zeros_like(u), u), u)
+    torch.testing.assert_close(compose_fields(u, torch.zeros_like(u)), u)
+    torch.testing.assert_close(compose_fields(torch.zeros_like(u), u), u)
     # integer displacement for `second`: first(x + second(x)) is a pure lookup
     second = torch.zeros_like(u)
     second[:, 0] = 2.0
     second[:, 1] = -3.0
-    composed = compose(u, second)
+    composed = compose_fields(u, second)
     torch.testing.assert_close(composed[0, :, 5:30, 10:45], second[0, :, 5:30, 10:45] + u[0, :, 7:32, 7:42])
+
+
+def test_composition_in_bands_equals_whole():
+    """The nonrigid engine composes large fields band by band: any split of the rows gives the whole composition."""
+    shape = (45, 38)
+    first, second = smooth_field(shape, U1), smooth_field(shape, U2)
+    whole = compose_fields(first, second)
+    for band in (1, 7, 45):
+        bands = [compose_fields(first, second[..., r : r + band, :], first_row=r) for r in range(0, shape[0], band)]
+        torch.testing.assert_close(torch.cat(bands, dim=-2), whole, atol=1e-5, rtol=0)
+    # a band composed as if it were the top rows reads the wrong part of `first`: the offset matters
+    assert (compose_fields(first, second[..., 20:30, :]) - whole[..., 20:30, :]).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_pull_matches_monai_warp(padding_mode):
+    """``pull`` at (pixel position + field) is what MONAI's ``Warp`` computes, inside and outside the image."""
+    image = _tissue()[..., :60, :70]
+    field = 4 * smooth_field((60, 70))  # up to ~18 px: reads well outside the image near the edges
+    expected = Warp(mode="bilinear", padding_mode=padding_mode)(image, field)
+    pulled = pull(image, identity_grid((60, 70)) + field, padding_mode)
+    torch.testing.assert_close(pulled, expected, atol=1e-5, rtol=0)
+    # several position sets in one call: one output per set, in order
+    shifted = identity_grid((60, 70)) + torch.tensor([0.5, -1.25]).view(1, 2, 1, 1)
+    both = pull(image, torch.cat([identity_grid((60, 70)) + field, shifted]), padding_mode)
+    torch.testing.assert_close(both[:1], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[1:], pull(image, shifted, padding_mode))
 
 
 def _linear_field(shape: tuple[int, int], matrix: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from scripts.affine import affine_to_field
-from scripts.fields import FieldComposer
+from scripts.fields import compose_fields
 from scripts.preprocess import PairGeometry, to_working_grid
 from scripts.transform import SlideTransform
 
@@ -52,7 +52,7 @@ def _transform(nonrigid: bool) -> SlideTransform:
     field = affine_to_field(matrix, geometry.working_shape)
     if nonrigid:
         # the engine composes the nonrigid increments onto the affine: x -> x + v(x) -> A (x + v(x))
-        field = FieldComposer()(field, _nonrigid(geometry.working_shape))
+        field = compose_fields(field, _nonrigid(geometry.working_shape))
     return SlideTransform(geometry, matrix, field)
 
 

@@ -8,24 +8,44 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Warp
 
 
-class FieldComposer(torch.nn.Module):
-    """Composition "``first`` then ``second``" of two pull fields on the same grid.
+def pull(image: torch.Tensor, positions: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """Bilinear values of an image at arbitrary positions: the sampling step of MONAI's ``Warp``, without its grid.
 
-    Warping an image by ``first`` and the result by ``second`` equals warping the image once by the composed field
-    ``second(x) + first(x + second(x))``. Composing (never summing) keeps iterations and levels consistent.
+    Args:
+        image: (1, C, H, W).
+        positions: (N, 2, h, w) where to read, (row, column) in pixels of the image's grid (pixel centres at integers).
+        padding_mode: ``grid_sample``'s rule outside the image: "zeros" or "border".
+    Returns:
+        (N, C, h, w).
     """
+    height, width = image.shape[-2:]
+    # grid_sample with align_corners=True puts -1 / +1 on the first / last pixel centre, as MONAI's Warp does
+    extent = positions.new_tensor([max(width - 1, 1), max(height - 1, 1)])
+    count, _, rows, cols = positions.shape
+    # the N position sets stacked along the rows: one batch of one image, so the image is never copied N times
+    grid = (positions.flip(1).permute(0, 2, 3, 1) * 2 / extent - 1).reshape(1, count * rows, cols, 2)
+    values = F.grid_sample(image, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    return values.view(image.shape[1], count, rows, cols).transpose(0, 1)
 
-    def __init__(self) -> None:
-        super().__init__()
-        # border padding: outside the grid a displacement is best continued by its edge value, not by zero
-        self.warp = Warp(mode="bilinear", padding_mode="border")
 
-    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """Args: first, second: (B, 2, H, W) fields in pixels. Returns: (B, 2, H, W)."""
-        return second + self.warp(first, second)
+def compose_fields(first: torch.Tensor, second: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    """Composition "``first`` then ``second``" of two pull fields: ``second(x) + first(x + second(x))``.
+
+    Warping an image by ``first`` and the result by ``second`` equals warping it once by the composed field. Composing
+    (never summing) keeps iterations and levels consistent.
+
+    Args:
+        first: (1, 2, H, W) in pixels.
+        second: (1, 2, h, W) in pixels: rows ``first_row`` to ``first_row + h`` of ``first``'s grid (all of it by
+            default), so that a large field can be composed band by band.
+    Returns:
+        (1, 2, h, W), the composed field on ``second``'s rows. Outside ``first``'s grid, its edge values continue.
+    """
+    positions = identity_grid(tuple(second.shape[-2:]), second.device, second.dtype)
+    positions[:, 0] += first_row
+    return second + pull(first, positions + second, padding_mode="border")
 
 
 def resize_field(field: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -40,7 +60,7 @@ def resize_field(field: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     if tuple(field.shape[-2:]) == tuple(shape):
         return field
     scale = field.new_tensor([shape[0] / field.shape[-2], shape[1] / field.shape[-1]]).view(1, 2, 1, 1)
-    return F.interpolate(field, size=tuple(shape), mode="bilinear", align_corners=False) * scale
+    return F.interpolate(field, size=tuple(shape), mode="bilinear", align_corners=False).mul_(scale)  # no 2nd copy
 
 
 def sample_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -52,15 +72,8 @@ def sample_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     Returns:
         (N, 2) displacements (row, column) in pixels; points outside take the nearest border value.
     """
-    height, width = field.shape[-2:]
-    # grid_sample with align_corners=True puts -1 / +1 on the first / last pixel centre
-    norm = torch.stack(
-        [points[:, 1] * 2 / max(width - 1, 1) - 1, points[:, 0] * 2 / max(height - 1, 1) - 1], dim=-1
-    )
-    values = F.grid_sample(
-        field, norm.view(1, 1, -1, 2).to(field), mode="bilinear", padding_mode="border", align_corners=True
-    )
-    return values.view(2, -1).t()
+    values = pull(field, points.t().reshape(1, 2, 1, -1).to(field), padding_mode="border")
+    return values.reshape(2, -1).t()
 
 
 def invert_points(field: torch.Tensor, points: torch.Tensor, iterations: int = 50, tolerance: float = 1e-3) -> torch.Tensor:
@@ -85,8 +98,10 @@ def invert_points(field: torch.Tensor, points: torch.Tensor, iterations: int = 5
     return x
 
 
-def identity_grid(shape: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
+def identity_grid(
+    shape: tuple[int, int], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(1, 2, H, W) pixel positions (row, column) of a grid: adding a field gives where each pixel pulls from."""
-    rows = torch.arange(shape[0], device=device, dtype=torch.float32)
-    cols = torch.arange(shape[1], device=device, dtype=torch.float32)
+    rows = torch.arange(shape[0], device=device, dtype=dtype)
+    cols = torch.arange(shape[1], device=device, dtype=dtype)
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=0).unsqueeze(0)

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Warp
 
-from .fields import FieldComposer, resize_field
+from .fields import compose_fields, pull, resize_field
 from .patches import PatchGrid
 
 
@@ -35,16 +34,21 @@ class PatchPyramidRegistration(torch.nn.Module):
     """Multi-level, multi-iteration, patch-based nonrigid registration with one network per level.
 
     Level ``l`` of ``N`` works at ``1 / 2^(N-1-l)`` of the working resolution. At each level the field so far is
-    upsampled; then ``iterations`` times: the moving image is warped once from the original by the total field, both
-    images are cut into ``patch_size`` patches at ``stride``, groups of ``group_size`` patches go through the level's
-    network (input: warped moving and fixed patch, 2 channels; output: displacement (2, P, P) in pixels), the patch
-    fields are blended back keeping their centres, and the result is composed onto the total field.
+    upsampled; then ``iterations`` times: both images are cut into ``patch_size`` patches at ``stride``, the moving
+    patches read from the original moving image through the total field (one interpolation, whatever the number of
+    iterations), groups of ``group_size`` patches go through the level's network (input: warped moving and fixed
+    patch, 2 channels; output: displacement (2, P, P) in pixels), the patch fields are blended back keeping their
+    centres, and the result is composed onto the total field.
+
+    Memory: the images and two image-sized fields (the total so far, and the blended increment that becomes the new
+    total in place), plus a group of patches; the composition runs in bands of about ``group_size * P^2`` pixels. No
+    other buffer grows with the image, so beyond the fields the working memory is set by ``group_size``.
 
     Args:
         networks: one network per level, coarsest first; weights are shared across the iterations of a level.
         patch_size: P in pixels (divisible by 2^(number of network strides)).
         stride: S in pixels.
-        group_size: G, patches per network batch; bounds memory independently of the image size.
+        group_size: G, patches per network batch; sets the working memory beyond the images and fields.
         iterations: M, inner iterations per level.
         antisymmetric: predict ``(N(moving, fixed) - N(fixed, moving)) / 2`` instead of ``N(moving, fixed)``. Swapping
             the inputs inverts a small displacement, so this keeps the prediction but cancels any response the network
@@ -68,8 +72,6 @@ class PatchPyramidRegistration(torch.nn.Module):
         self.group_size = group_size
         self.iterations = iterations
         self.antisymmetric = antisymmetric
-        self.warp = Warp(mode="bilinear", padding_mode="zeros")  # zeros = background outside the tissue image
-        self.compose = FieldComposer()
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, initial_field: torch.Tensor | None = None) -> torch.Tensor:
         """Args: moving, fixed: (1, 1, H, W); initial_field: (1, 2, H, W) pull field in pixels (e.g. the affine).
@@ -102,21 +104,31 @@ class PatchPyramidRegistration(torch.nn.Module):
             if detach_between_levels:
                 field = field.detach()
             for _ in range(self.iterations):
-                increment = self.predict(network, self.warp(moving_l, field), fixed_l)
-                field = self.compose(field, increment)
+                field = self.step(network, moving_l, fixed_l, field)
             yield LevelOutput(level, moving_l, fixed_l, field)
 
-    def predict(self, network: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """One pass of a level's network over all patches: (1, 1, h, w) pair -> (1, 2, h, w) field in pixels."""
+    def step(self, network: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+        """One inner iteration: (1, 1, h, w) images and (1, 2, h, w) total field -> the new total field, in pixels."""
         grid = PatchGrid(tuple(fixed.shape[-2:]), self.patch_size, self.stride)
-        pair = grid.pad(torch.cat([moving, fixed], dim=1))
-        total, weights = grid.new_accumulator(2, pair)
+        increment = field.new_zeros(field.shape)  # window-weighted sum of the patch increments
         for origins in grid.groups(self.group_size):
-            patches = grid.extract(pair, origins)
-            if self.antisymmetric:
-                both = network(torch.cat([patches, patches.flip(1)], dim=0))
-                displacement = 0.5 * (both[: len(origins)] - both[len(origins) :])
-            else:
-                displacement = network(patches)
-            total, weights = grid.accumulate(total, weights, displacement, origins)
-        return grid.fold(total, weights)
+            positions = grid.positions(origins, field)
+            # the moving patch warped by the total field; zero (background) where the patch leaves the image
+            warped = pull(moving, positions + grid.extract(field, origins)) * grid.inside(origins, field)
+            displacement = self.displacement(network, torch.cat([warped, grid.extract(fixed, origins)], dim=1))
+            grid.accumulate(increment, displacement, origins)
+        # blend (divide by the window sum) and compose band by band, in place: composing reads the increment only
+        # where it writes, so the increment's buffer becomes the new total field
+        band = max(1, self.group_size * self.patch_size**2 // field.shape[-1])
+        for start in range(0, field.shape[-2], band):
+            rows = slice(start, start + band)
+            blended = increment[..., rows, :] / grid.weight_sum(rows, field)
+            increment[..., rows, :] = compose_fields(field, blended, first_row=start)
+        return increment
+
+    def displacement(self, network: torch.nn.Module, patches: torch.Tensor) -> torch.Tensor:
+        """(n, 2, P, P) (moving, fixed) patches -> (n, 2, P, P) displacements in pixels."""
+        if not self.antisymmetric:
+            return network(patches)
+        both = network(torch.cat([patches, patches.flip(1)], dim=0))
+        return 0.5 * (both[: len(patches)] - both[len(patches) :])

@@ -1,9 +1,10 @@
 """Overlapping patch grid: cut an image into P x P patches at stride S and blend per-patch fields back.
 
 Patch borders see warped content from outside the patch and are unreliable, so the blend weight is 1 on the
-central S x S part and tapers to near zero at the border. The image is padded by (P - S) / 2 on every side (and up to
-the next stride on the far side) so that the patch centres tile the whole image: any image size works and edges are
-covered by patch centres, not borders.
+central S x S part and tapers to near zero at the border. Patch origins start (P - S) / 2 before the image and run
+past its far side, so that the patch centres tile the whole image: any image size works and edges are covered by
+patch centres, not borders. The image is never padded: patches are cut with zeros where they leave it, and blended
+sums land on an image-sized accumulator, so memory beyond the image is a group of patches.
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ import torch
 import torch.nn.functional as F
 
 
-def blend_window(patch_size: int, stride: int, floor: float = 1e-3) -> torch.Tensor:
-    """(P, P) blend weight: 1 on the central S x S block, a cosine taper to ``floor`` over the remaining margin.
+def blend_profile(patch_size: int, stride: int, floor: float = 1e-3) -> torch.Tensor:
+    """(P,) blend weight along one axis: 1 on the central S pixels, a cosine taper to ``floor`` over the margins.
 
-    The floor keeps the weight sum positive where only patch borders reach (the outer padding), avoiding 0 / 0.
+    The floor keeps every patch pixel's weight positive, so a weighted mean is defined wherever a patch reaches.
     """
     margin = (patch_size - stride) / 2
     distance = torch.arange(patch_size, dtype=torch.float32) + 0.5
     distance = torch.minimum(distance, patch_size - distance)  # distance of each pixel centre to the nearest edge
     ramp = (distance / max(margin, 1e-6)).clamp(max=1.0)
-    profile = floor + (1 - floor) * (0.5 - 0.5 * torch.cos(math.pi * ramp))
+    return floor + (1 - floor) * (0.5 - 0.5 * torch.cos(math.pi * ramp))
+
+
+def blend_window(patch_size: int, stride: int) -> torch.Tensor:
+    """(P, P) blend weight of a patch: the outer product of two ``blend_profile``s."""
+    profile = blend_profile(patch_size, stride)
     return profile[:, None] * profile[None, :]
 
 
@@ -45,9 +51,12 @@ class PatchGrid:
         self.stride = stride
         self.margin = (patch_size - stride) // 2
         counts = [max(1, math.ceil((n + 2 * self.margin - patch_size) / stride) + 1) for n in self.shape]
-        self.padded_shape = tuple((c - 1) * stride + patch_size for c in counts)
-        self.origins = [(r * stride, c * stride) for r in range(counts[0]) for c in range(counts[1])]
-        self.window = blend_window(patch_size, stride)
+        # origins in image pixels: the first patch starts `margin` before the image, so its centre starts at pixel 0
+        self.axis_origins = [[k * stride - self.margin for k in range(c)] for c in counts]
+        self.origins = [(r, c) for r in self.axis_origins[0] for c in self.axis_origins[1]]
+        self.profile = blend_profile(patch_size, stride)
+        self.window = self.profile[:, None] * self.profile[None, :]
+        self.axis_weights = [self._axis_weights(n, o) for n, o in zip(self.shape, self.axis_origins)]
 
     def __len__(self) -> int:
         return len(self.origins)
@@ -57,36 +66,62 @@ class PatchGrid:
         for start in range(0, len(self.origins), group_size):
             yield self.origins[start : start + group_size]
 
-    def pad(self, image: torch.Tensor, mode: str = "constant") -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, *padded_shape). Tissue images pad with 0 (= background)."""
-        after = [p - n - self.margin for p, n in zip(self.padded_shape, self.shape)]
-        return F.pad(image, (self.margin, after[1], self.margin, after[0]), mode=mode)
-
-    def extract(self, padded: torch.Tensor, origins: list[tuple[int, int]]) -> torch.Tensor:
-        """(1, C, *padded_shape) -> (len(origins), C, P, P)."""
+    def _axis_weights(self, size: int, origins: list[int]) -> torch.Tensor:
+        """(size,) sum of the blend profiles of the patches starting at ``origins`` along one axis."""
         p = self.patch_size
-        return torch.cat([padded[..., r : r + p, c : c + p] for r, c in origins], dim=0)
+        padded = torch.zeros(size + 2 * p)  # room for patches that start before / end after the image
+        for start in origins:
+            padded[start + p : start + 2 * p] += self.profile
+        return padded[p : p + size]
 
-    def new_accumulator(self, channels: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeroed (1, C, *padded_shape) sum of weighted patch values and (1, 1, *padded_shape) sum of weights."""
-        return like.new_zeros((1, channels, *self.padded_shape)), like.new_zeros((1, 1, *self.padded_shape))
+    def _overlap(self, origin: tuple[int, int]) -> tuple[slice, slice, slice, slice]:
+        """Image rows, image columns, patch rows, patch columns where the patch at ``origin`` covers the image."""
+        spans = []
+        for start, size in zip(origin, self.shape):
+            first, last = max(start, 0), min(start + self.patch_size, size)
+            spans.append((slice(first, last), slice(first - start, last - start)))
+        return spans[0][0], spans[1][0], spans[0][1], spans[1][1]
 
-    def accumulate(
-        self, total: torch.Tensor, weights: torch.Tensor, patches: torch.Tensor, origins: list[tuple[int, int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add window-weighted ``patches`` (N, C, P, P) at ``origins`` into the accumulators, in place; returns them.
+    def extract(self, image: torch.Tensor, origins: list[tuple[int, int]]) -> torch.Tensor:
+        """(1, C, H, W) -> (len(origins), C, P, P), zero where a patch lies outside the image (background)."""
+        patches = []
+        for origin in origins:
+            rows, cols, patch_rows, patch_cols = self._overlap(origin)
+            before = (patch_cols.start, self.patch_size - patch_cols.stop, patch_rows.start, self.patch_size - patch_rows.stop)
+            patches.append(F.pad(image[..., rows, cols], before))
+        return torch.cat(patches, dim=0)
 
-        In-place slice adds are recorded by autograd, so training can differentiate through the blend.
+    def positions(self, origins: list[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
+        """(len(origins), 2, P, P) image-pixel positions (row, column) of the patches' pixels, dtype/device of ``like``."""
+        offsets = torch.arange(self.patch_size, dtype=like.dtype, device=like.device)
+        starts = like.new_tensor(origins).view(-1, 2, 1, 1)
+        rows = starts[:, :1] + offsets.view(1, 1, -1, 1)
+        cols = starts[:, 1:] + offsets.view(1, 1, 1, -1)
+        return torch.cat([rows.expand(-1, -1, -1, self.patch_size), cols.expand(-1, -1, self.patch_size, -1)], dim=1)
+
+    def inside(self, origins: list[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
+        """(len(origins), 1, P, P) mask, 1 where a patch pixel lies in the image, dtype/device of ``like``."""
+        positions = self.positions(origins, like)
+        limits = like.new_tensor(self.shape).view(1, 2, 1, 1)
+        return ((positions >= 0) & (positions < limits)).all(dim=1, keepdim=True).to(like.dtype)
+
+    def accumulate(self, total: torch.Tensor, patches: torch.Tensor, origins: list[tuple[int, int]]) -> torch.Tensor:
+        """Add window-weighted ``patches`` (N, C, P, P) at ``origins`` into the image-sized ``total`` (1, C, H, W).
+
+        In place; returns ``total``. Parts of patches outside the image are dropped. In-place slice adds are recorded
+        by autograd, so training can differentiate through the blend.
         """
-        p = self.patch_size
-        window = self.window.to(patches)
-        for patch, (r, c) in zip(patches * window, origins):
-            total[..., r : r + p, c : c + p] += patch
-            weights[..., r : r + p, c : c + p] += window
-        return total, weights
+        weighted = patches * self.window.to(patches)
+        for patch, origin in zip(weighted, origins):
+            rows, cols, patch_rows, patch_cols = self._overlap(origin)
+            total[..., rows, cols] += patch[..., patch_rows, patch_cols]
+        return total
 
-    def fold(self, total: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted mean of the accumulated patches, cropped back to the image: (1, C, H, W)."""
-        m = self.margin
-        mean = total / weights
-        return mean[..., m : m + self.shape[0], m : m + self.shape[1]]
+    def weight_sum(self, rows: slice, like: torch.Tensor) -> torch.Tensor:
+        """(1, 1, len(rows), W) sum of the patch windows over image ``rows``, dtype/device of ``like``.
+
+        The window is separable and the origins are a row set times a column set, so the 2-D sum is the outer
+        product of two 1-D sums and never needs an image-sized buffer.
+        """
+        row_sums, col_sums = (axis.to(like) for axis in self.axis_weights)
+        return (row_sums[rows, None] * col_sums[None, :])[None, None]

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from monai.networks.blocks import Warp
 
 from .affine import affine_to_field
 from .nonrigid import PatchPyramidRegistration
@@ -57,6 +58,7 @@ class SlidePairRegistration:
         self.nonrigid = nonrigid.to(self.device, memory_format=layout).eval()
         self.initializer = initializer
         self.working_size = working_size
+        self.warp = Warp(mode="bilinear", padding_mode="zeros")  # zeros = background outside the tissue image
 
     @torch.inference_mode()
     def __call__(self, source: Slide, target: Slide) -> PairRegistration:
@@ -78,8 +80,8 @@ class SlidePairRegistration:
 
         stages = {
             "initial": moving,
-            "affine": self.nonrigid.warp(moving, initial),
-            "nonrigid": self.nonrigid.warp(moving, total),
+            "affine": self.warp(moving, initial),
+            "nonrigid": self.warp(moving, total),
         }
         return PairRegistration(SlideTransform(geometry, matrix, total), fixed, stages, timings)
 

@@ -73,9 +73,10 @@ class PyramidLoss(torch.nn.Module):
         self.similarity = LocalNormalizedCrossCorrelationLoss(spatial_dims=2, kernel_size=kernel_size)
         self.smoothness = BendingEnergyLoss(normalize=True)
         self.alpha = alpha
+        self.warp = Warp(mode="bilinear", padding_mode="zeros")  # zeros = background outside the tissue image
 
-    def forward(self, levels: Sequence[LevelOutput], warp: torch.nn.Module) -> dict[str, torch.Tensor]:
-        similarity = sum(self.similarity(warp(out.moving, out.field), out.fixed) for out in levels)
+    def forward(self, levels: Sequence[LevelOutput]) -> dict[str, torch.Tensor]:
+        similarity = sum(self.similarity(self.warp(out.moving, out.field), out.fixed) for out in levels)
         smoothness = sum(self.smoothness(out.field) for out in levels)
         return {"loss": similarity + self.alpha * smoothness, "similarity": similarity, "smoothness": smoothness}
 
@@ -99,7 +100,7 @@ class PyramidTrainingStep:
         model.train()
         engine.optimizer.zero_grad(set_to_none=True)
         levels = list(model.levels(moving, fixed, detach_between_levels=True))
-        terms = self.loss(levels, model.warp)
+        terms = self.loss(levels)
         terms["loss"].backward()
         engine.optimizer.step()
         finest = levels[-1]
@@ -107,7 +108,7 @@ class PyramidTrainingStep:
             **{name: value.detach() for name, value in terms.items()},
             "fixed": fixed,
             "moving": moving,
-            "warped": model.warp(finest.moving, finest.field).detach(),
+            "warped": self.loss.warp(finest.moving, finest.field).detach(),
             "field": finest.field.detach(),
         }
 
