@@ -14,20 +14,24 @@ once with ``SlidePairRegistration`` and reports:
 
 - the pipeline's own per-stage seconds (``preprocessing``, ``affine``, ``nonrigid``);
 - per stage, the peak resident memory during the stage (Linux ``VmHWM``, reset before each stage through
-  ``/proc/self/clear_refs``) and its increase over the resident memory when the stage started. The affine initializer
-  and the nonrigid engine are wrapped by a measuring proxy; nothing in the pipeline is changed;
+  ``/proc/self/clear_refs``) and its increase over the resident memory when the stage started, after glibc's
+  ``malloc_trim`` has returned the memory earlier stages freed (else a stage reusing it would look smaller). The affine
+  initializer and the nonrigid engine are wrapped by a measuring proxy; nothing in the pipeline is changed;
 - the resident memory before registering (model and both full-resolution slides loaded: 2 x H x W x 3 float32 are
   1.1 GB at 8192 px) and the peak while registering. (The subprocess's ``wait4`` peak is not used: resetting the
   high-water mark resets it too.)
 
 Runs: every ``--sizes`` entry at the config's default ``group_size``, and every ``--group_sizes`` entry at each
-``--group_size_sizes`` entry (to show that the nonrigid stage's extra memory is set by the patch group, not the image).
+``--group_size_sizes`` entry. The nonrigid stage must hold its result, the total field, and while it composes an
+iteration the field before it: two (2, h, w) float32 fields on the working grid. The table subtracts them from the
+stage's increase, which leaves its working memory: that part should be set by the patch group, not the image.
 Writes ``<output_dir>/scaling-benchmark.json`` and ``scaling-benchmark.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import sys
 import tempfile
@@ -64,6 +68,12 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def _release_free_heap() -> None:
+    """Return the allocator's free memory to the system (glibc ``malloc_trim``), so that a stage's rise in resident
+    memory is its own and not hidden by memory an earlier stage freed but the process kept."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class MeasuredStage:
     """Proxy for a pipeline component: records the peak RSS while it runs and the RSS it started from."""
 
@@ -73,6 +83,7 @@ class MeasuredStage:
     def __call__(self, *args, **kwargs):
         # the peak since the last reset belongs to what ran before this stage (preprocessing, for the affine)
         self._log.setdefault("_before", {})[self._name] = status_mb("VmHWM")
+        _release_free_heap()
         _reset_peak()
         start_rss = status_mb("VmRSS")
         result = self._component(*args, **kwargs)
@@ -80,9 +91,6 @@ class MeasuredStage:
         self._log[self._name]["increase_mb"] = self._log[self._name]["peak_rss_mb"] - start_rss
         _reset_peak()
         return result
-
-    def __getattr__(self, name):  # the pipeline also uses e.g. nonrigid.warp
-        return getattr(self._component, name)
 
 
 def worker(size: int, group_size: int, output: Path, threads: int | None) -> None:
@@ -202,24 +210,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(run["process"]["returncode"] == 0 for run in runs) else 1
 
 
+def field_pair_mb(working_shape: list[int]) -> float:
+    """MB of two (2, h, w) float32 fields on the working grid: the total field and the one it replaces."""
+    height, width = working_shape
+    return 2 * 2 * 4 * height * width / 2**20
+
+
 def render_markdown(record: dict) -> str:
     machine = record["machine"]
     header = [
         "working size", "group size", "working shape", "preprocessing s", "affine s", "nonrigid s",
-        "preprocessing +MB", "affine +MB", "nonrigid +MB", "RSS before MB", "peak during registration MB",
+        "preprocessing +MB", "affine +MB", "nonrigid +MB", "of which two fields MB", "nonrigid working MB",
+        "RSS before MB", "peak during registration MB",
     ]
     rows = []
     for run in record["runs"]:
         if run["process"]["returncode"] != 0:
-            rows.append([run["working_size"], run["group_size"], "failed", *([None] * 8)])
+            rows.append([run["working_size"], run["group_size"], "failed", *([None] * 10)])
             continue
         timings, memory = run["timings_seconds"], run["stages_memory"]
+        fields = field_pair_mb(run["working_shape"])
         rows.append(
             [
                 run["working_size"], run["group_size"], " x ".join(map(str, run["working_shape"])),
                 timings["preprocessing"], timings["affine"], timings["nonrigid"],
                 memory["preprocessing"]["increase_mb"], memory["affine"]["increase_mb"],
-                memory["nonrigid"]["increase_mb"], run["rss_before_registration_mb"], run["registration_peak_rss_mb"],
+                memory["nonrigid"]["increase_mb"], fields, memory["nonrigid"]["increase_mb"] - fields,
+                run["rss_before_registration_mb"], run["registration_peak_rss_mb"],
             ]
         )
     return "\n".join(
@@ -233,7 +250,9 @@ def render_markdown(record: dict) -> str:
             "process after a warm-up. Seconds are the pipeline's own stage timings. *+MB*: how far the process's "
             "resident memory rose above its level at the start of the stage (peak during the stage minus start); "
             "*RSS before*: the process with the model and both full-resolution slides loaded; *peak during "
-            "registration*: the process's peak resident memory while registering (the highest of the stage peaks).",
+            "registration*: the process's peak resident memory while registering (the highest of the stage peaks). "
+            "*Two fields*: the nonrigid stage's result and the field it composes onto, 2 x (2, h, w) float32 on the "
+            "working grid; *nonrigid working*: the stage's increase beyond them.",
             "",
             markdown_table(header, rows),
             "",

@@ -79,8 +79,10 @@ class PatchPyramidRegistration(torch.nn.Module):
         Returns: (1, 2, H, W) total pull field in pixels: ``fixed(x) ~ moving(x + u(x))``.
         """
         for output in self.levels(moving, fixed, initial_field):
-            field = output.field
-        return field
+            if output.level == len(self.networks) - 1:
+                return output.field
+            del output  # so that the next, finer level can free this level's images and field once it has used them
+        raise ValueError("no networks: at least one level is needed")
 
     def levels(
         self,
