@@ -8,11 +8,13 @@ from .errors import RegistrationInputError
 from .evaluation import ResultsEvaluation
 from .networks import identity_initialised
 from .nonrigid import PatchPyramidRegistration
+from .refinement import MutualInformationRefinement
 from .registration import SlidePairRegistration
 
 __all__ = [
     "AffineInitializer",
     "BatchRegistration",
+    "MutualInformationRefinement",
     "PatchPyramidRegistration",
     "RegistrationInputError",
     "ResultsEvaluation",

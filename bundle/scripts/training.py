@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from ignite.engine import Engine, Events
-from monai.losses import BendingEnergyLoss, LocalNormalizedCrossCorrelationLoss
+from monai.losses import BendingEnergyLoss
 from monai.networks.blocks import Warp
 from skimage.data import immunohistochemistry
 from torch.utils.tensorboard import SummaryWriter
@@ -61,16 +61,17 @@ def training_pairs(
 
 
 class PyramidLoss(torch.nn.Module):
-    """Unsupervised loss summed over levels: ``-LNCC(warped moving, fixed) + alpha * bending energy(field)``.
+    """Unsupervised loss summed over levels: ``similarity(warped moving, fixed) + alpha * bending energy(field)``.
 
     Args:
-        kernel_size: LNCC window in pixels (odd).
+        similarity: a MONAI image dissimilarity (lower is better) of (1, 1, h, w) images, e.g.
+            ``GlobalMutualInformationLoss`` (across stains, see docs/design.md) or ``LocalNormalizedCrossCorrelationLoss``.
         alpha: weight of the bending energy (MONAI's, ``normalize=True`` so it does not depend on the level's size).
     """
 
-    def __init__(self, kernel_size: int = 9, alpha: float = 1.0) -> None:
+    def __init__(self, similarity: torch.nn.Module, alpha: float = 1.0) -> None:
         super().__init__()
-        self.similarity = LocalNormalizedCrossCorrelationLoss(spatial_dims=2, kernel_size=kernel_size)
+        self.similarity = similarity
         self.smoothness = BendingEnergyLoss(normalize=True)
         self.alpha = alpha
         self.warp = Warp(mode="bilinear", padding_mode="zeros")  # zeros = background outside the tissue image
