@@ -7,11 +7,12 @@ From the repository root::
 
 Runs, one after the other, each as its own subprocess (so that its peak resident memory is its own):
 
-1. ``bundle-affine``: ``python -m monai.bundle run inference ... --iterations 0`` (from ``bundle/``). With no inner
-   iterations the nonrigid engine returns the affine initial field unchanged (checked: its rTRE equals the affine
-   stage's to 1e-9), so this is the affine-only variant of the pipeline, timed end to end.
-2. ``bundle``: the same command with the shipped defaults (affine + learned nonrigid).
-3. ``elastix``: ``python benchmarks/elastix_registration.py`` (rotation search, affine, B-spline; see that file),
+1. ``bundle-affine``: ``python -m monai.bundle run inference ... --iterations 0 --refine False`` (from ``bundle/``).
+   With no inner iterations the nonrigid engine returns the affine initial field unchanged (checked: its rTRE equals
+   the affine stage's to 1e-9), so this is the affine-only variant of the pipeline, timed end to end.
+2. ``bundle-networks``: ``--refine False``: affine + the learned networks, without the mutual-information refinement.
+3. ``bundle``: the shipped defaults (affine + networks + refinement).
+4. ``elastix``: ``python benchmarks/elastix_registration.py`` (rotation search, affine, B-spline; see that file),
    on the same working grid, with all cores.
 
 then scores each results table with ``python -m monai.bundle run evaluate`` (ANHIR protocol: rTRE = landmark error /
@@ -51,8 +52,9 @@ from common import (
 
 # tool -> (final stage label in run evaluate, what it is)
 TOOLS = {
-    "bundle-affine": ("affine-only", "bundle, affine stage only (`--iterations 0`)"),
-    "bundle": ("nonrigid", "bundle, affine + learned nonrigid (shipped model)"),
+    "bundle-affine": ("affine-only", "bundle, affine stage only (`--iterations 0 --refine False`)"),
+    "bundle-networks": ("networks", "bundle, affine + learned networks, no refinement (`--refine False`)"),
+    "bundle": ("nonrigid", "bundle, shipped defaults: affine + learned networks + MI refinement"),
     "elastix": ("elastix", "elastix (itk-elastix): rotation search + affine + B-spline, Mattes MI, same working grid"),
 }
 
@@ -65,6 +67,8 @@ def tool_command(tool: str, pairs_csv: Path, output_dir: Path, working_size: int
         ]
         if tool == "bundle-affine":
             command += ["--iterations", "0"]
+        if tool in ("bundle-affine", "bundle-networks"):
+            command += ["--refine", "False"]
         return command, BUNDLE
     command = [
         sys.executable, str(BENCHMARKS / "elastix_registration.py"), "--pairs_csv", str(pairs_csv),
@@ -228,7 +232,7 @@ def summarise(tools: dict) -> dict:
             }
     ratios = {}
     elastix = rows.get("elastix", {})
-    for ours in ("bundle", "bundle-affine"):
+    for ours in ("bundle", "bundle-networks", "bundle-affine"):
         mine = rows.get(ours, {})
         for key in ("seconds_per_pair", "registration_seconds_per_pair"):
             if elastix.get(key) and mine.get(key):

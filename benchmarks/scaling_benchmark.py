@@ -12,11 +12,12 @@ be at least that large), builds the pipeline from ``configs/inference.yaml`` wit
 (``working_size`` and ``group_size`` overridden), runs one warm-up registration at 1024 px, then registers the pair
 once with ``SlidePairRegistration`` and reports:
 
-- the pipeline's own per-stage seconds (``preprocessing``, ``affine``, ``nonrigid``);
+- the pipeline's own per-stage seconds (``preprocessing``, ``affine``, ``nonrigid``, ``refinement``);
 - per stage, the peak resident memory during the stage (Linux ``VmHWM``, reset before each stage through
   ``/proc/self/clear_refs``) and its increase over the resident memory when the stage started, after glibc's
   ``malloc_trim`` has returned the memory earlier stages freed (else a stage reusing it would look smaller). The affine
-  initializer and the nonrigid engine are wrapped by a measuring proxy; nothing in the pipeline is changed;
+  initializer, the nonrigid engine and the refinement are wrapped by a measuring proxy; nothing in the pipeline is
+  changed;
 - the resident memory before registering (model and both full-resolution slides loaded: 2 x H x W x 3 float32 are
   1.1 GB at 8192 px) and the peak while registering. (The subprocess's ``wait4`` peak is not used: resetting the
   high-water mark resets it too.)
@@ -131,6 +132,7 @@ def worker(size: int, group_size: int, output: Path, threads: int | None) -> Non
     log: dict = {}
     registration.initializer = MeasuredStage(registration.initializer, "affine", log)
     registration.nonrigid = MeasuredStage(registration.nonrigid, "nonrigid", log)
+    registration.refinement = MeasuredStage(registration.refinement, "refinement", log)
     rss_before = status_mb("VmRSS")
     _reset_peak()
     _PROCESS_PEAK[0] = rss_before  # from here on: the registration's peak (the warm-up's and upsampling's are not)
@@ -146,6 +148,7 @@ def worker(size: int, group_size: int, output: Path, threads: int | None) -> Non
         },
         "affine": log["affine"],
         "nonrigid": log["nonrigid"],
+        "refinement": log["refinement"],
     }
     record = {
         "working_size": size,
@@ -219,24 +222,24 @@ def field_pair_mb(working_shape: list[int]) -> float:
 def render_markdown(record: dict) -> str:
     machine = record["machine"]
     header = [
-        "working size", "group size", "working shape", "preprocessing s", "affine s", "nonrigid s",
+        "working size", "group size", "working shape", "preprocessing s", "affine s", "nonrigid s", "refinement s",
         "preprocessing +MB", "affine +MB", "nonrigid +MB", "of which two fields MB", "nonrigid working MB",
-        "RSS before MB", "peak during registration MB",
+        "refinement +MB", "RSS before MB", "peak during registration MB",
     ]
     rows = []
     for run in record["runs"]:
         if run["process"]["returncode"] != 0:
-            rows.append([run["working_size"], run["group_size"], "failed", *([None] * 10)])
+            rows.append([run["working_size"], run["group_size"], "failed", *([None] * 12)])
             continue
         timings, memory = run["timings_seconds"], run["stages_memory"]
         fields = field_pair_mb(run["working_shape"])
         rows.append(
             [
                 run["working_size"], run["group_size"], " x ".join(map(str, run["working_shape"])),
-                timings["preprocessing"], timings["affine"], timings["nonrigid"],
+                timings["preprocessing"], timings["affine"], timings["nonrigid"], timings["refinement"],
                 memory["preprocessing"]["increase_mb"], memory["affine"]["increase_mb"],
                 memory["nonrigid"]["increase_mb"], fields, memory["nonrigid"]["increase_mb"] - fields,
-                run["rss_before_registration_mb"], run["registration_peak_rss_mb"],
+                memory["refinement"]["increase_mb"], run["rss_before_registration_mb"], run["registration_peak_rss_mb"],
             ]
         )
     return "\n".join(

@@ -22,8 +22,8 @@ Registering source onto target must return the pull field ``truth`` (the bundle'
 (target > 0.15), ``max(shape) / 32`` px from the border excluded, as in ``tests/test_recovery.py``; for the affine
 stage alone and the full registration of each tool. The bundle runs through its Python API, configured from
 ``configs/inference.yaml`` by ``monai.bundle.ConfigParser`` (affine = its ``AffineInitializer``; full = the nonrigid
-engine on top, exactly as ``SlidePairRegistration`` chains them). Elastix runs ``elastix_registration.register_arrays``
-(the same parameter set as the ANHIR benchmark) with fixed = target, so its transform is the pull field directly
+engine and the refinement on top, exactly as ``SlidePairRegistration`` chains them). Elastix runs
+``elastix_registration.register_arrays`` (the same parameter set as the ANHIR benchmark) with fixed = target, so its transform is the pull field directly
 (``transformix`` deformation field). Both are warmed up once before timing.
 
 Writes ``<output_dir>/synthetic-benchmark.json`` and ``synthetic-benchmark.md``.
@@ -109,7 +109,7 @@ def end_point_error(estimate: torch.Tensor, truth: torch.Tensor, mask: torch.Ten
 
 
 class BundleTool:
-    """The bundle's affine initializer and nonrigid engine, configured from configs/inference.yaml."""
+    """The bundle's affine initializer, nonrigid engine and refinement, configured from configs/inference.yaml."""
 
     name = "bundle"
 
@@ -130,6 +130,8 @@ class BundleTool:
         affine_seconds = time.perf_counter() - start
         start = time.perf_counter()
         total = self.registration.nonrigid(moving, fixed, initial)
+        if self.registration.refinement is not None:
+            total = self.registration.refinement(moving, fixed, total)
         nonrigid_seconds = time.perf_counter() - start
         return {
             "affine": initial.cpu(),

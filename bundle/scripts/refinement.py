@@ -11,11 +11,18 @@ pixels, not the image.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss
 
-from .fields import compose_fields, pull, resize_field
+from .fields import compose_fields, identity_grid, pull, resize_field
 from .nonrigid import downsample
+
+BAND_PIXELS = 1 << 16  # working pixels per band of the final composition
+
+
+def _own(original: torch.Tensor, resampled: torch.Tensor) -> torch.Tensor:
+    """``resampled``, copied if it is ``original`` itself (factor 1): an inference-mode tensor cannot be saved for
+    backward, a resampled one is new anyway."""
+    return resampled.clone() if resampled is original else resampled
 
 
 def grid_bending_energy(grid: torch.Tensor) -> torch.Tensor:
@@ -78,18 +85,19 @@ class MutualInformationRefinement(torch.nn.Module):
         """
         shape = tuple(fixed.shape[-2:])
         nodes = [max(2, round((n - 1) / self.spacing) + 1) for n in shape]
+        # working pixel -> control node: the first and last nodes sit on the first and last pixel centres
+        to_node = fixed.new_tensor([(m - 1) / max(n - 1, 1) for m, n in zip(nodes, shape)]).view(1, 2, 1, 1)
         # autograd inside the pipeline's inference mode: the images and field are read, never saved for backward
         with torch.inference_mode(False), torch.enable_grad():
             grid = torch.zeros(1, 2, *nodes, device=fixed.device, requires_grad=True)
             optimizer = torch.optim.Adam([grid], lr=self.learning_rate)
             generator = torch.Generator(fixed.device).manual_seed(self.seed)
             for factor in self.factors:
-                moving_l, fixed_l = downsample(moving, factor).clone(), downsample(fixed, factor).clone()
+                moving_l, fixed_l = _own(moving, downsample(moving, factor)), _own(fixed, downsample(fixed, factor))
                 level_shape = tuple(fixed_l.shape[-2:])
-                field_l = resize_field(field.clone(), level_shape)
-                # level pixel -> working pixel (pixel centres) -> control node; working pixels -> level pixels
+                field_l = _own(field, resize_field(field, level_shape))
+                # level pixel -> working pixel (pixel centres); working pixels -> level pixels
                 scale = fixed.new_tensor([w / l for w, l in zip(shape, level_shape)]).view(1, 2, 1, 1)
-                to_node = fixed.new_tensor([(m - 1) / max(n - 1, 1) for m, n in zip(nodes, shape)]).view(1, 2, 1, 1)
                 extent = fixed.new_tensor([n - 1 for n in level_shape]).view(1, 2, 1, 1)
                 for _ in range(self.iterations):
                     points = torch.rand(1, 2, 1, self.samples, generator=generator, device=fixed.device) * extent
@@ -100,5 +108,12 @@ class MutualInformationRefinement(torch.nn.Module):
                     loss = loss + self.alpha * grid_bending_energy(grid)
                     loss.backward()
                     optimizer.step()
-            residual = F.interpolate(grid.detach(), size=shape, mode="bilinear", align_corners=True)
-        return compose_fields(field, residual)
+        # the refined field, composed in row bands so that only the result is image-sized
+        refined = torch.empty_like(field)
+        rows = max(1, BAND_PIXELS // shape[1])
+        for start in range(0, shape[0], rows):
+            positions = identity_grid((min(rows, shape[0] - start), shape[1]), fixed.device)
+            positions[:, 0] += start
+            residual = pull(grid.detach(), positions * to_node, "border")
+            refined[..., start : start + rows, :] = compose_fields(field, residual, first_row=start)
+        return refined
