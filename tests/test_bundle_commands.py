@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -89,10 +90,13 @@ def test_inference_on_a_cover_table(trained, small_pair, tmp_path):
     run_bundle(
         "inference", "--config_file", "configs/inference.yaml", "--pairs_csv", str(small_pair / "pairs.csv"),
         "--checkpoint", str(trained / "models" / "model.pt"), "--working_size", "256", "--output_dir", str(tmp_path),
+        "--refinement#iterations", "20",  # a nested key, as the docs show for the refinement's seed
     )
     with open(tmp_path / "registration-results.csv", newline="") as handle:
         (row,) = list(csv.DictReader(handle))
     assert row["Status"] == "OK"
+    record = json.loads((tmp_path / "0_source_to_target" / "registration.json").read_text())
+    assert "refinement" in record["timings_seconds"]  # on by default
     assert row["Target image"] == "target.png" and row["Source landmarks"] == "source.csv"
     warped = read_slide(tmp_path / row["Warped source image"])
     assert warped.pixels.shape == read_slide(small_pair / "target.png").pixels.shape
@@ -108,9 +112,11 @@ def test_inference_on_one_pair_given_on_the_command_line(trained, small_pair, tm
         "--source", str(small_pair / "source.png"), "--target", str(small_pair / "target.png"),
         "--source_landmarks", str(small_pair / "source.csv"), "--target_landmarks", str(small_pair / "target.csv"),
         "--checkpoint", str(trained / "models" / "model.pt"), "--working_size", "256", "--output_dir", str(tmp_path),
+        "--refine", "False",
     )
     (folder,) = [path for path in tmp_path.iterdir() if path.is_dir()]
     assert folder.name == "0_source_to_target"
+    assert "refinement" not in json.loads((folder / "registration.json").read_text())["timings_seconds"]
     target_landmarks = read_landmarks(folder / "warped-target-landmarks.csv")
     assert target_landmarks.shape == read_landmarks(small_pair / "target.csv").shape
     assert np.isfinite(target_landmarks).all()
