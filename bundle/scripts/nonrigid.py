@@ -116,7 +116,7 @@ class PatchPyramidRegistration(torch.nn.Module):
         for origins in grid.groups(self.group_size):
             positions = grid.positions(origins, field)
             # the moving patch warped by the total field; zero (background) where the patch leaves the image
-            warped = pull(moving, positions + grid.extract(field, origins)) * grid.inside(origins, field)
+            warped = pull(moving, positions + grid.extract(field, origins)) * grid.inside(positions)
             displacement = self.displacement(network, torch.cat([warped, grid.extract(fixed, origins)], dim=1))
             grid.accumulate(increment, displacement, origins)
         # blend (divide by the window sum) and compose band by band, in place: composing reads the increment only

@@ -99,11 +99,10 @@ class PatchGrid:
         cols = starts[:, 1:] + offsets.view(1, 1, 1, -1)
         return torch.cat([rows.expand(-1, -1, -1, self.patch_size), cols.expand(-1, -1, self.patch_size, -1)], dim=1)
 
-    def inside(self, origins: list[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
-        """(len(origins), 1, P, P) mask, 1 where a patch pixel lies in the image, dtype/device of ``like``."""
-        positions = self.positions(origins, like)
-        limits = like.new_tensor(self.shape).view(1, 2, 1, 1)
-        return ((positions >= 0) & (positions < limits)).all(dim=1, keepdim=True).to(like.dtype)
+    def inside(self, positions: torch.Tensor) -> torch.Tensor:
+        """(N, 1, P, P) mask of :meth:`positions`' output (N, 2, P, P): 1 where a patch pixel lies in the image."""
+        limits = positions.new_tensor(self.shape).view(1, 2, 1, 1)
+        return ((positions >= 0) & (positions < limits)).all(dim=1, keepdim=True).to(positions.dtype)
 
     def accumulate(self, total: torch.Tensor, patches: torch.Tensor, origins: list[tuple[int, int]]) -> torch.Tensor:
         """Add window-weighted ``patches`` (N, C, P, P) at ``origins`` into the image-sized ``total`` (1, C, H, W).
