@@ -64,8 +64,9 @@ class PyramidLoss(torch.nn.Module):
     """Unsupervised loss summed over levels: ``similarity(warped moving, fixed) + alpha * bending energy(field)``.
 
     Args:
-        similarity: a MONAI image dissimilarity (lower is better) of (1, 1, h, w) images, e.g.
-            ``GlobalMutualInformationLoss`` (across stains, see docs/design.md) or ``LocalNormalizedCrossCorrelationLoss``.
+        similarity: a MONAI image dissimilarity (lower is better) of (1, 1, h, w) images:
+            ``LocalNormalizedCrossCorrelationLoss`` in the default config; ``GlobalMutualInformationLoss`` trained no
+            better networks in the same budget (docs/design.md).
         alpha: weight of the bending energy (MONAI's, ``normalize=True`` so it does not depend on the level's size).
     """
 
