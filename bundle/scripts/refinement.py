@@ -11,9 +11,9 @@ pixels, not the image.
 from __future__ import annotations
 
 import torch
-from monai.losses import GlobalMutualInformationLoss
 
 from .fields import compose_fields, identity_grid, pull, resize_field
+from .mutual_information import SparseMutualInformationLoss
 from .nonrigid import downsample
 
 BAND_PIXELS = 1 << 16  # working pixels per band of the final composition
@@ -53,7 +53,8 @@ class MutualInformationRefinement(torch.nn.Module):
         learning_rate: Adam step size, in working pixels.
         samples: random pixel positions per step.
         alpha: weight of the control grid's bending energy.
-        bins: histogram bins of MONAI's ``GlobalMutualInformationLoss`` (Parzen windows).
+        bins: histogram bins per image of the mutual information (cubic B-spline Parzen windows,
+            :class:`SparseMutualInformationLoss`).
         seed: seed of the pixel sampling.
     """
 
@@ -75,7 +76,7 @@ class MutualInformationRefinement(torch.nn.Module):
         self.learning_rate = learning_rate
         self.samples = samples
         self.alpha = alpha
-        self.similarity = GlobalMutualInformationLoss(num_bins=bins)
+        self.similarity = SparseMutualInformationLoss(bins)
         self.seed = seed
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
