@@ -87,8 +87,8 @@ class AffineInitializer(torch.nn.Module):
         angle_step: float = 5.0,
         translation_search: bool = True,
         max_shift: float = 0.25,
-        pyramid: Sequence[int] = (128, 256, 512),
-        iterations: Sequence[int] = (100, 50, 25),
+        pyramid: Sequence[int] = (128, 256),
+        iterations: Sequence[int] = (100, 50),
         learning_rate: float = 0.02,
     ) -> None:
         super().__init__()
