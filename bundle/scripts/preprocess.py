@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from monai.transforms import Resize, ScaleIntensityRangePercentiles, SpatialPad
+from monai.transforms import Resize, ScaleIntensityRange, SpatialPad
 from monai.utils import convert_to_tensor
 
 # ITU-R BT.601 luma: the usual gray conversion; any fixed mix works since only structure is compared
 LUMA = (0.299, 0.587, 0.114)
+PERCENTILES = (1.0, 99.5)  # of the inverted luminance that become 0 and 1
 
 
 def tissue_image(pixels: np.ndarray) -> torch.Tensor:
@@ -29,9 +30,13 @@ def tissue_image(pixels: np.ndarray) -> torch.Tensor:
     """
     array = torch.as_tensor(np.ascontiguousarray(pixels), dtype=torch.float32)
     gray = array[..., 0] if array.shape[-1] == 1 else array[..., :3] @ torch.tensor(LUMA)
-    # percentiles rather than min/max: dust, pen marks and saturated pixels must not set the scale
-    normalise = ScaleIntensityRangePercentiles(lower=1, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
-    return convert_to_tensor(normalise((1.0 - gray)[None]), dtype=torch.float32, track_meta=False)
+    inverted = (1.0 - gray)[None]
+    # percentiles rather than min/max: dust, pen marks and saturated pixels must not set the scale. Both from one
+    # numpy selection: MONAI's ScaleIntensityRangePercentiles sorts the image once per percentile (torch.quantile),
+    # about 10x slower: a tenth of a second per megapixel
+    low, high = np.percentile(inverted.numpy(), PERCENTILES)
+    normalise = ScaleIntensityRange(a_min=float(low), a_max=float(high), b_min=0.0, b_max=1.0, clip=True)
+    return convert_to_tensor(normalise(inverted), dtype=torch.float32, track_meta=False)
 
 
 @dataclass(frozen=True)
