@@ -172,6 +172,21 @@ def test_pyramid_with_constant_stub_network():
 
 
 @torch.no_grad()
+def test_iterations_per_level_and_a_level_that_passes_the_field_on():
+    """(1, 0): one pass at the coarse level; the fine level only resizes the field and never runs its network."""
+    moving, fixed = _images()
+    coarse, fine = ConstantNet(1.5, -0.5), ConstantNet(0.25, 0.75)
+    engine = PatchPyramidRegistration(
+        [coarse, fine], patch_size=PATCH, stride=STRIDE, group_size=GROUP, iterations=[1, 0], antisymmetric=False
+    )
+    torch.testing.assert_close(engine(moving, fixed), _constant([1.5 * 101 / 51, -0.5 * 77 / 39], SHAPE), atol=1e-5, rtol=0)
+    assert coarse.inputs and not fine.inputs
+    for wrong in ([1], [1, 2, 3], [1, -1], 2.5):
+        with pytest.raises(ValueError, match="one per level"):
+            PatchPyramidRegistration([coarse, fine], iterations=wrong)
+
+
+@torch.no_grad()
 def test_pyramid_first_batch_is_moving_and_fixed_patches():
     """Channel 0 is the (warped) moving patch, channel 1 the fixed patch, zero outside the level images."""
     moving, fixed = _images()

@@ -49,7 +49,8 @@ class PatchPyramidRegistration(torch.nn.Module):
         patch_size: P in pixels (divisible by 2^(number of network strides)).
         stride: S in pixels.
         group_size: G, patches per network batch; sets the working memory beyond the images and fields.
-        iterations: M, inner iterations per level.
+        iterations: M, inner iterations per level: one number for every level, or one per level (coarsest first); a
+            level with 0 passes the field on, resized, without running its network.
         antisymmetric: predict ``(N(moving, fixed) - N(fixed, moving)) / 2`` instead of ``N(moving, fixed)``. Swapping
             the inputs inverts a small displacement, so this keeps the prediction but cancels any response the network
             gives regardless of content: identical patches (and empty glass) get exactly zero displacement. Costs a
@@ -62,7 +63,7 @@ class PatchPyramidRegistration(torch.nn.Module):
         patch_size: int = 128,
         stride: int = 64,
         group_size: int = 32,
-        iterations: int = 3,
+        iterations: int | Sequence[int] = 3,
         antisymmetric: bool = True,
     ) -> None:
         super().__init__()
@@ -70,7 +71,12 @@ class PatchPyramidRegistration(torch.nn.Module):
         self.patch_size = patch_size
         self.stride = stride
         self.group_size = group_size
-        self.iterations = iterations
+        counts = list(iterations) if isinstance(iterations, Sequence) else [iterations] * len(self.networks)
+        if len(counts) != len(self.networks) or any(not isinstance(n, int) or n < 0 for n in counts):
+            raise ValueError(
+                f"iterations must be a count >= 0 or one per level ({len(self.networks)} levels), got {iterations!r}"
+            )
+        self.iterations = tuple(counts)
         self.antisymmetric = antisymmetric
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, initial_field: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,7 +111,7 @@ class PatchPyramidRegistration(torch.nn.Module):
             field = fixed_l.new_zeros((1, 2, *shape)) if field is None else resize_field(field, shape)
             if detach_between_levels:
                 field = field.detach()
-            for _ in range(self.iterations):
+            for _ in range(self.iterations[level]):
                 field = self.step(network, moving_l, fixed_l, field)
             yield LevelOutput(level, moving_l, fixed_l, field)
 
