@@ -179,7 +179,8 @@ def test_iterations_per_level_and_a_level_that_passes_the_field_on():
     engine = PatchPyramidRegistration(
         [coarse, fine], patch_size=PATCH, stride=STRIDE, group_size=GROUP, iterations=[1, 0], antisymmetric=False
     )
-    torch.testing.assert_close(engine(moving, fixed), _constant([1.5 * 101 / 51, -0.5 * 77 / 39], SHAPE), atol=1e-5, rtol=0)
+    expected = _constant([1.5 * 101 / 51, -0.5 * 77 / 39], SHAPE)
+    torch.testing.assert_close(engine(moving, fixed), expected, atol=1e-5, rtol=0)
     assert coarse.inputs and not fine.inputs
     for wrong in ([1], [1, 2, 3], [1, -1], 2.5):
         with pytest.raises(ValueError, match="one per level"):

@@ -1,10 +1,10 @@
 """Mutual information with cubic B-spline Parzen windows that touch four bins per sample, not all of them.
 
 MONAI's ``GlobalMutualInformationLoss`` weighs every sample against every bin (a (samples, bins) Gaussian for each
-image and a dense matrix product for the joint histogram). With 32 bins that is 32 exponentials per sample, and it is
-what the per-pair refinement spends most of its time on (``docs/benchmarks.md``). A cubic B-spline window is as smooth
-(its width is close to MONAI's Gaussian of half a bin) but is zero beyond two bins, so each sample adds 4 x 4 weights
-to the joint histogram, the way elastix's Mattes mutual information builds it.
+image and a dense matrix product for the joint histogram). With 32 bins that is 32 exponentials per sample: with
+them and their backward pass, two thirds of the per-pair refinement's time (``docs/design.md``, "Fourth round"). A
+cubic B-spline window is as smooth (its width is close to MONAI's Gaussian of half a bin) but is zero beyond two bins,
+so each sample adds 4 x 4 weights to the joint histogram, the way elastix's Mattes mutual information builds it.
 """
 
 from __future__ import annotations
@@ -68,5 +68,5 @@ class SparseMutualInformationLoss(torch.nn.Module):
         histogram = joint.new_zeros(batch * width * width).index_add(0, index.reshape(-1), joint.reshape(-1))
         p_joint = histogram.view(batch, width, width) / pred[0].numel()
         p_pred, p_target = p_joint.sum(2, keepdim=True), p_joint.sum(1, keepdim=True)
-        mutual_information = (p_joint * torch.log((p_joint + self.smooth) / (p_pred * p_target + self.smooth))).sum((1, 2))
-        return -mutual_information.mean()
+        ratio = (p_joint + self.smooth) / (p_pred * p_target + self.smooth)
+        return -(p_joint * torch.log(ratio)).sum((1, 2)).mean()
