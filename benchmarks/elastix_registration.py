@@ -66,6 +66,13 @@ if str(BUNDLE) not in sys.path:
 import itk
 import torch
 import torch.nn.functional as F
+from scripts.batch import (
+    EXECUTION_TIME,
+    RESULT_COLUMNS,
+    STATUS,
+    WARPED_SOURCE_LANDMARKS,
+    WARPED_SOURCE_LANDMARKS_AFFINE,
+)
 from scripts.cover_table import (
     SOURCE_IMAGE,
     SOURCE_LANDMARKS,
@@ -73,13 +80,6 @@ from scripts.cover_table import (
     TARGET_LANDMARKS,
     PairRow,
     read_cover_table,
-)
-from scripts.batch import (
-    EXECUTION_TIME,
-    RESULT_COLUMNS,
-    STATUS,
-    WARPED_SOURCE_LANDMARKS,
-    WARPED_SOURCE_LANDMARKS_AFFINE,
 )
 from scripts.errors import RegistrationInputError
 from scripts.preprocess import PairGeometry, tissue_image, to_working_grid

@@ -23,8 +23,8 @@ Registering source onto target must return the pull field ``truth`` (the bundle'
 stage alone and the full registration of each tool. The bundle runs through its Python API, configured from
 ``configs/inference.yaml`` by ``monai.bundle.ConfigParser`` (affine = its ``AffineInitializer``; full = the nonrigid
 engine and the refinement on top, exactly as ``SlidePairRegistration`` chains them). Elastix runs
-``elastix_registration.register_arrays`` (the same parameter set as the ANHIR benchmark) with fixed = target, so its transform is the pull field directly
-(``transformix`` deformation field). Both are warmed up once before timing.
+``elastix_registration.register_arrays`` (the same parameter set as the ANHIR benchmark) with fixed = target, so its
+transform is the pull field directly (``transformix`` deformation field). Both are warmed up once before timing.
 
 Writes ``<output_dir>/synthetic-benchmark.json`` and ``synthetic-benchmark.md``.
 """

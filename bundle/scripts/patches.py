@@ -55,7 +55,7 @@ class PatchGrid:
         self.axis_origins = [[k * stride - self.margin for k in range(c)] for c in counts]
         self.origins = [(r, c) for r in self.axis_origins[0] for c in self.axis_origins[1]]
         self.profile = blend_profile(patch_size, stride)
-        self.window = self.profile[:, None] * self.profile[None, :]
+        self.window = blend_window(patch_size, stride)
         self.axis_weights = [self._axis_weights(n, o) for n, o in zip(self.shape, self.axis_origins)]
 
     def __len__(self) -> int:
