@@ -22,6 +22,7 @@ from scripts.slide_io import (
     read_landmarks,
     read_slide,
     write_landmarks,
+    write_png,
     write_slide,
 )
 
@@ -308,6 +309,29 @@ def test_write_slide_round_trip(tmp_path: Path, pixels: np.ndarray, bit_depth: i
     assert slide.bit_depth == bit_depth
     np.testing.assert_allclose(slide.pixels, pixels, rtol=0, atol=1e-6)
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_one_differing_sample_is_not_blank(tmp_path: Path) -> None:
+    pixels = np.full((5, 7, 3), 200, dtype=np.uint8)
+    pixels[4, 6, 2] = 201  # the last sample of the last channel: the blank check must look at every sample
+    Image.fromarray(pixels).save(tmp_path / "almost-blank.png")
+
+    np.testing.assert_array_equal(read_slide(tmp_path / "almost-blank.png").pixels * 255, pixels)
+
+
+@pytest.mark.parametrize("pixels", [TISSUE, GREY], ids=["rgb", "grey"])
+def test_write_png_is_lossless_for_other_readers(tmp_path: Path, pixels: np.ndarray) -> None:
+    write_png(tmp_path / "panel.png", pixels.astype(np.uint8))
+
+    with Image.open(tmp_path / "panel.png") as image:
+        np.testing.assert_array_equal(np.asarray(image), pixels)
+
+
+@pytest.mark.parametrize("pixels", [TISSUE / 255.0, TISSUE[..., :2].astype(np.uint8)], ids=["float", "two-channel"])
+def test_write_png_rejects_what_it_cannot_store(tmp_path: Path, pixels: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        write_png(tmp_path / "panel.png", pixels)
+    assert not list(tmp_path.iterdir())
 
 
 def test_write_slide_clips_overshoot(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import tifffile
 from monai.config import PathLike
@@ -25,15 +26,16 @@ from PIL import Image
 
 from .errors import RegistrationInputError
 
-__all__ = ["Slide", "read_slide", "read_landmarks", "write_landmarks", "write_slide", "atomic_path"]
+__all__ = ["Slide", "read_slide", "read_landmarks", "write_landmarks", "write_png", "write_slide", "atomic_path"]
 
 _PIL_SUFFIXES = (".jpg", ".jpeg", ".png")
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # What write_slide produces for each bit depth: PNG holds 8-bit RGB losslessly; 16-bit RGB needs TIFF.
 _WRITE_SUFFIXES = {8: (".png",), 16: (".tif", ".tiff")}
-# zlib level 3 instead of Pillow's 6: half the time per PNG (0.08 s vs 0.18 s for a 1164 x 787 warped slide) and,
-# measured on the sample outputs, files no larger
-PNG_COMPRESSION = 3
+# libpng through imagecodecs with zlib level 1, run-length matching and the "sub" row filter (OpenCV's fast settings)
+# instead of Pillow's adaptive filters at level 3: a third of the time per PNG (23 ms vs 70 ms for a 1024 x 692
+# overlay, 29 ms vs 90 ms for a 1164 x 787 warped slide) for files about 10 % larger
+PNG_SETTINGS = {"level": 1, "strategy": 3, "filter": 16}
 
 # Pillow modes decoded to a supported mode on reading: palettes may carry transparency, hence RGBA.
 _PIL_CONVERSIONS = {"1": "L", "P": "RGBA", "PA": "RGBA", "CMYK": "RGB"}
@@ -120,7 +122,8 @@ def read_slide(path: PathLike) -> Slide:
     if samples.size == 0:
         raise RegistrationInputError(path, "image is empty (no pixels)")
     pixels = _composite_over_white(_channels_last(samples, path))
-    if np.array_equal(pixels.min(axis=(0, 1)), pixels.max(axis=(0, 1))):
+    # every pixel equal to the first: a tenth of the time of per-channel minima and maxima over the (H, W) axes
+    if not (pixels != pixels[0, 0]).any():
         raise RegistrationInputError(path, "image is blank (all pixels equal)")
     return Slide(pixels=pixels, bit_depth=bit_depth, path=str(path))
 
@@ -145,13 +148,26 @@ def write_slide(path: PathLike, pixels: np.ndarray, bit_depth: int) -> None:
     if np.isnan(pixels).any():
         raise ValueError("pixels contain NaN.")
     samples = _quantise(pixels, bit_depth)
+    if bit_depth == 8:
+        write_png(path, samples[..., 0] if samples.shape[-1] == 1 else samples)
+        return
     with atomic_path(path) as temporary:
-        if bit_depth == 8:
-            image = Image.fromarray(samples[..., 0] if samples.shape[-1] == 1 else samples)
-            image.save(temporary, format="PNG", compress_level=PNG_COMPRESSION)
-        else:
-            photometric = "minisblack" if samples.shape[-1] == 1 else "rgb"
-            tifffile.imwrite(temporary, samples, photometric=photometric, compression="zlib")
+        photometric = "minisblack" if samples.shape[-1] == 1 else "rgb"
+        tifffile.imwrite(temporary, samples, photometric=photometric, compression="zlib")
+
+
+def write_png(path: PathLike, pixels: np.ndarray) -> None:
+    """Write an 8-bit image as a PNG, atomically, with the fast settings of ``PNG_SETTINGS``.
+
+    Args:
+        path: the output file.
+        pixels: (H, W) grey or (H, W, 3) RGB uint8.
+    """
+    if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3)):
+        raise ValueError(f"expected an (H, W) or (H, W, 3) uint8 image, got {pixels.shape} {pixels.dtype}.")
+    encoded = imagecodecs.png_encode(np.ascontiguousarray(pixels), **PNG_SETTINGS)
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(encoded)
 
 
 def read_landmarks(path: PathLike) -> np.ndarray:

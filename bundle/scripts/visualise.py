@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .slide_io import PNG_COMPRESSION, atomic_path
+from .slide_io import write_png
 
 ImageLike = np.ndarray | torch.Tensor
 
@@ -104,10 +103,8 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     array = np.asarray(image)
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
         raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {array.shape}")
-    pixels = Image.fromarray(_to_uint8(array))
     target = Path(path)
-    with atomic_path(target) as temporary:
-        pixels.save(temporary, format="PNG", compress_level=PNG_COMPRESSION)
+    write_png(target, _to_uint8(array))
     return target
 
 
