@@ -197,7 +197,7 @@ def test_batch_records_every_row_and_goes_on_after_failures(inputs, batch):
     good = rows[0]
     assert good["Status"] == "OK"
     assert good["Warped source image"] == f"{batch.name}/warped-source.png"
-    assert good["Displacement field"] == f"{batch.name}/displacement-field.nii.gz"
+    assert good["Displacement field"] == f"{batch.name}/displacement-field.nii"
     assert good["Warped source landmarks"] == f"{batch.name}/warped-source-landmarks.csv"
     assert good["Warped target landmarks"] == f"{batch.name}/warped-target-landmarks.csv"
     assert good["Warped source landmarks (affine)"] == f"{batch.name}/warped-source-landmarks-affine.csv"
@@ -245,7 +245,7 @@ def test_warped_source_is_on_the_target_grid(inputs, batch):
 
 
 def test_displacement_field_and_sidecar(inputs, batch):
-    image = nib.load(batch.pair / "displacement-field.nii.gz")
+    image = nib.load(batch.pair / "displacement-field.nii")
     field = np.asarray(image.dataobj)
     sidecar = json.loads((batch.pair / "displacement-field.json").read_text())
     geometry = sidecar["geometry"]
@@ -274,7 +274,7 @@ def test_warped_landmark_files(inputs, batch):
     # from the NIfTI and its sidecar returns the source landmarks.
     sidecar = json.loads((batch.pair / "displacement-field.json").read_text())
     geometry = PairGeometry(**{key: tuple(value) for key, value in sidecar["geometry"].items()})
-    field = torch.from_numpy(np.asarray(nib.load(batch.pair / "displacement-field.nii.gz").dataobj))
+    field = torch.from_numpy(np.asarray(nib.load(batch.pair / "displacement-field.nii").dataobj))
     transform = SlideTransform(
         geometry, torch.tensor(sidecar["affine_working_pixels"]), field[:, :, 0].permute(2, 0, 1)[None].contiguous()
     )
@@ -301,7 +301,7 @@ def test_warped_landmark_files(inputs, batch):
 def test_stage_panels_and_registration_record(inputs, batch):
     assert {p.name for p in batch.pair.iterdir()} == {
         "warped-source.png",
-        "displacement-field.nii.gz",
+        "displacement-field.nii",
         "displacement-field.json",
         "warped-source-landmarks.csv",
         "warped-source-landmarks-affine.csv",

@@ -116,10 +116,11 @@ class BatchRegistration:
             started = time.perf_counter()
             suffix = ".png" if source.bit_depth == 8 else ".tif"
             write_slide(staging / f"warped-source{suffix}", transform.warp_source(source.pixels), source.bit_depth)
-            transform.save_field(staging / "displacement-field.nii.gz")
+            # uncompressed: gzip shrinks a float32 field by about 10 % and took 0.1 s per sample pair
+            transform.save_field(staging / "displacement-field.nii")
             outputs = {
                 WARPED_SOURCE_IMAGE: f"{pair.name}/warped-source{suffix}",
-                DISPLACEMENT_FIELD: f"{pair.name}/displacement-field.nii.gz",
+                DISPLACEMENT_FIELD: f"{pair.name}/displacement-field.nii",
                 WARPED_SOURCE_LANDMARKS: "",
                 WARPED_TARGET_LANDMARKS: "",
                 WARPED_SOURCE_LANDMARKS_AFFINE: "",
