@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ class SlidePairRegistration:
         self.working_size = working_size
         self.refinement = refinement
         self.warp = Warp(mode="bilinear", padding_mode="zeros")  # zeros = background outside the tissue image
+        # torch.optim imports torch._dynamo when it builds its first optimiser (0.5-1 s once per process); importing it
+        # here puts that one-off in the start-up, with the model loading, instead of in the first pair's affine stage
+        importlib.import_module("torch._dynamo")
 
     @torch.inference_mode()
     def __call__(self, source: Slide, target: Slide) -> PairRegistration:
