@@ -47,6 +47,9 @@ class SparseMutualInformationLoss(torch.nn.Module):
             raise ValueError(f"bins must be at least 2, got {bins}")
         self.bins = bins
         self.smooth = smooth
+        # flat offsets of a 4 x 4 neighbourhood in a (bins + 2, bins + 2) histogram
+        offsets = torch.arange(4)
+        self.register_buffer("neighbourhood", (offsets[:, None] * (bins + 2) + offsets).flatten(), persistent=False)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Args: pred, target: (B, ...) of the same shape, every element a sample.
@@ -56,15 +59,15 @@ class SparseMutualInformationLoss(torch.nn.Module):
         if pred.shape != target.shape:
             raise ValueError(f"ground truth has differing shape ({target.shape}) from pred ({pred.shape})")
         batch, width = pred.shape[0], self.bins + 2
-        first_p, weights_p = cubic_bspline_weights(pred.reshape(batch, -1).clamp(0, 1) * (self.bins - 1), self.bins)
-        first_t, weights_t = cubic_bspline_weights(target.reshape(batch, -1).clamp(0, 1) * (self.bins - 1), self.bins)
+        # both images' windows in one pass: (2, B, samples) positions -> (2, B, samples, 4) weights
+        both = torch.stack([pred.reshape(batch, -1), target.reshape(batch, -1)])
+        first, weights = cubic_bspline_weights(both.clamp(0, 1) * (self.bins - 1), self.bins)
         # (B, samples, 16) joint weights and their flat index in a (B, width, width) histogram: one base index per
         # sample (+ 1: bin -1 is the histogram's first) plus the 4 x 4 neighbourhood's offsets
-        joint = (weights_p[..., :, None] * weights_t[..., None, :]).flatten(-2)
-        base = (first_p + 1) * width + (first_t + 1)
+        joint = (weights[0, ..., :, None] * weights[1, ..., None, :]).flatten(-2)
+        base = (first[0] + 1) * width + (first[1] + 1)
         base = base + (torch.arange(batch, device=pred.device) * width * width)[:, None]
-        offsets = torch.arange(4, device=pred.device)
-        index = base[..., None] + (offsets[:, None] * width + offsets).flatten()
+        index = base[..., None] + self.neighbourhood.to(base.device)  # no copy unless the module was left elsewhere
         histogram = joint.new_zeros(batch * width * width).index_add(0, index.reshape(-1), joint.reshape(-1))
         p_joint = histogram.view(batch, width, width) / pred[0].numel()
         p_pred, p_target = p_joint.sum(2, keepdim=True), p_joint.sum(1, keepdim=True)
