@@ -3,7 +3,7 @@
 From the repository root::
 
     python benchmarks/run_benchmark.py --pairs_csv ../shared/data/anhir-samples/pairs.csv --working_size 1024 \\
-        --output_dir benchmarks/results
+        --repeats 3 --output_dir benchmarks/results
 
 Runs, one after the other, each as its own subprocess (so that its peak resident memory is its own):
 
@@ -16,7 +16,8 @@ Runs, one after the other, each as its own subprocess (so that its peak resident
 5. ``elastix``: ``python benchmarks/elastix_registration.py`` (rotation search, affine, B-spline; see that file),
    on the same working grid, with all cores.
 
-then scores each results table with ``python -m monai.bundle run evaluate`` (ANHIR protocol: rTRE = landmark error /
+(``--repeats N``: N times over, the tools taking turns; each repeat's time ratios are reported), then scores each
+results table of the first repeat with ``python -m monai.bundle run evaluate`` (ANHIR protocol: rTRE = landmark error /
 target diagonal), and writes ``<output_dir>/anhir-benchmark.json`` and the markdown fragment
 ``anhir-benchmark.md``. Tool outputs go to ``<output_dir>/runs/anhir/`` (not committed).
 
@@ -134,22 +135,39 @@ def main(argv: list[str] | None = None) -> int:
         "cores). On a machine shared with other work, torch with every core is very slow (the affine stage took "
         "20 s instead of 0.4 s with one of two cores busy); 1 gives usable development numbers there.",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every tool this many times, the tools taking turns, and report each repeat's time ratios: on a "
+        "shared machine a slow minute can fall on one tool's run. Landmarks are scored on the first repeat.",
+    )
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     pairs_csv, output_dir = args.pairs_csv.resolve(), args.output_dir.resolve()
     runs = output_dir / "runs" / "anhir"
     machine = machine_info()
 
     tools = {}
-    for tool in args.tools:
-        run_dir = runs / tool
-        command, cwd = tool_command(tool, pairs_csv, run_dir, args.working_size, args.threads)
-        env = None
-        if tool.startswith("bundle") and args.bundle_threads:
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.bundle_threads), "MKL_NUM_THREADS": str(args.bundle_threads)}
-        run = run_measured(command, cwd, runs / f"{tool}.log", env=env)
-        run["threads"] = args.threads if tool == "elastix" else (args.bundle_threads or "torch default")
-        print(f"{tool}: exit {run['returncode']}, {run['wall_seconds']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB")
-        tools[tool] = {"run": run, "run_dir": str(run_dir)}
+    for repeat in range(1, args.repeats + 1):
+        # the first repeat's outputs are the ones scored; later repeats only add timings
+        repeat_dir = runs if repeat == 1 else runs / f"repeat-{repeat}"
+        for tool in args.tools:
+            run_dir = repeat_dir / tool
+            command, cwd = tool_command(tool, pairs_csv, run_dir, args.working_size, args.threads)
+            env = None
+            if tool.startswith("bundle") and args.bundle_threads:
+                threads = str(args.bundle_threads)
+                env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            run = run_measured(command, cwd, repeat_dir / f"{tool}.log", env=env)
+            run["threads"] = args.threads if tool == "elastix" else (args.bundle_threads or "torch default")
+            print(f"{tool} (repeat {repeat}): exit {run['returncode']}, {run['wall_seconds']:.1f} s, "
+                  f"peak RSS {run['peak_rss_mb']:.0f} MB")
+            timing = timing_summary(read_results(run_dir / "registration-results.csv"), run_dir)
+            tools.setdefault(tool, {"run": run, "run_dir": str(run_dir), "repeats": []})["repeats"].append(
+                {"run": run, "timing": timing}
+            )
 
     for tool, record in tools.items():
         run_dir = Path(record["run_dir"])
@@ -161,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows
             if row.get("Status") != "OK"
         }
-        record["timing"] = timing_summary(rows, run_dir)
+        record["timing"] = record["repeats"][0]["timing"]
         if not rows:
             record["metrics"] = None
             continue
@@ -232,14 +250,21 @@ def summarise(tools: dict) -> dict:
                 "wall_seconds": None,
                 "peak_rss_mb": None,
             }
-    ratios = {}
+    ratios, repeat_ratios = {}, {}
     elastix = rows.get("elastix", {})
     for ours in ("bundle", "bundle-refined-affine", "bundle-networks", "bundle-affine"):
         mine = rows.get(ours, {})
         for key in ("seconds_per_pair", "registration_seconds_per_pair"):
             if elastix.get(key) and mine.get(key):
                 ratios[f"elastix_over_{ours}_{key}"] = elastix[key] / mine[key]
-    return {"rows": rows, "time_ratios": ratios}
+            if "elastix" in tools and ours in tools:
+                # the repeats' own ratios: each repeat's elastix run against the same repeat's bundle run
+                pairs = zip(tools["elastix"]["repeats"], tools[ours]["repeats"])
+                values = [e["timing"][f"{key}_mean"] / b["timing"][f"{key}_mean"] for e, b in pairs
+                          if e["timing"][f"{key}_mean"] and b["timing"][f"{key}_mean"]]
+                if values:
+                    repeat_ratios[f"elastix_over_{ours}_{key}"] = values
+    return {"rows": rows, "time_ratios": ratios, "time_ratios_per_repeat": repeat_ratios}
 
 
 def render_markdown(record: dict) -> str:
@@ -282,6 +307,19 @@ def render_markdown(record: dict) -> str:
         lines.append(
             "Time ratio elastix / bundle: "
             + ", ".join(f"{key.replace('elastix_over_', '').replace('_', ' ')} = {value:.1f}x" for key, value in ratios.items())
+            + "."
+        )
+        lines.append("")
+    repeats = summary.get("time_ratios_per_repeat", {})
+    if any(len(values) > 1 for values in repeats.values()):
+        lines.append(
+            "Each repeat's ratio (the tools took turns; the table above is the first repeat): "
+            + "; ".join(
+                f"{key.replace('elastix_over_', '').replace('_', ' ')} = "
+                + " / ".join(f"{value:.1f}x" for value in values)
+                + f" (median {statistics.median(values):.1f}x)"
+                for key, values in repeats.items()
+            )
             + "."
         )
         lines.append("")
