@@ -12,26 +12,21 @@ from __future__ import annotations
 import torch
 
 
-def _window(position: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First bin, (..., 4) weights and (..., 4) slopes (d weight / d position) of the windows at ``position``."""
+def cubic_bspline_window(position: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Parzen window of ``position`` (in bins, any shape, within [0, bins - 1]) on its four nearest bins.
+
+    Returns:
+        first: the integer bin of the first weight, ``floor(position) - 1`` (``bins - 3`` at the last centre, whose
+            fourth weight would be zero), shape of ``position``.
+        weights: (..., 4) weights on bins ``first .. first + 3``; they sum to 1.
+        slopes: (..., 4) derivatives of the weights with respect to ``position``; they sum to 0.
+    """
     base = torch.floor(position).clamp(max=bins - 2)
     u = position - base
     u2, u3 = u * u, u * u * u
     weights = torch.stack([(1 - u) ** 3, 3 * u3 - 6 * u2 + 4, -3 * u3 + 3 * u2 + 3 * u + 1, u3], dim=-1) / 6
     slopes = torch.stack([-((1 - u) ** 2), 3 * u2 - 4 * u, -3 * u2 + 2 * u + 1, u2], dim=-1) / 2
     return base.long() - 1, weights, slopes
-
-
-def cubic_bspline_weights(position: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parzen weights of ``position`` (in bins, any shape, within [0, bins - 1]) on its four nearest bins.
-
-    Returns:
-        first: the integer bin of the first weight, ``floor(position) - 1`` (``bins - 3`` at the last centre, whose
-            fourth weight would be zero), shape of ``position``.
-        weights: (..., 4) weights on bins ``first .. first + 3``; they sum to 1.
-    """
-    first, weights, _ = _window(position, bins)
-    return first, weights
 
 
 class _JointHistogram(torch.autograd.Function):
@@ -45,7 +40,7 @@ class _JointHistogram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred: torch.Tensor, target: torch.Tensor, bins: int) -> torch.Tensor:
         batch, width = pred.shape[0], bins + 2
-        first, weights, slopes = _window(torch.stack([pred, target]), bins)  # (2, B, samples[, 4])
+        first, weights, slopes = cubic_bspline_window(torch.stack([pred, target]), bins)  # (2, B, samples[, 4])
         # flat index in the (B, width, width) histogram: one base per sample (+ 1: bin -1 is the histogram's first)
         # plus the 4 x 4 neighbourhood's offsets
         base = (first[0] + 1) * width + (first[1] + 1)
