@@ -300,3 +300,47 @@ def test_step_equals_whole_image_computation(group_size):
     assert result.shape == field.shape
     torch.testing.assert_close(result, expected, atol=1e-4, rtol=0)
     assert (result - field).abs().max() > 1  # the iteration moved the field: the comparison can fail
+
+
+class RampAndCheckerNet(torch.nn.Module):
+    """Stub level network: a linear ramp over the patch (rows: 0.1 px per pixel, columns: -0.05) plus, with
+    ``noise``, a pixel checkerboard of +-1 px: the kind of roughness a control grid must remove."""
+
+    def __init__(self, noise: bool) -> None:
+        super().__init__()
+        self.noise = noise
+
+    def forward(self, pair):
+        pixels = torch.arange(PATCH, dtype=torch.float32)
+        rows, cols = torch.meshgrid(pixels, pixels, indexing="ij")
+        field = torch.stack([0.1 * rows, -0.05 * cols])
+        if self.noise:
+            field = field + (-1.0) ** (rows + cols)
+        return field.expand(len(pair), -1, -1, -1)
+
+
+@pytest.mark.parametrize("spacing", [4, 8])
+@torch.no_grad()
+def test_control_spacing_removes_pixel_roughness_and_keeps_smooth_fields(spacing):
+    """The patch field on a control grid: a pixel checkerboard averages out, a linear field is reproduced between the
+    first and last cell centres (bilinear interpolation is exact on it) and held constant beyond them."""
+    patches = torch.rand(3, 2, PATCH, PATCH, generator=torch.Generator().manual_seed(0))
+    smooth = PatchPyramidRegistration([RampAndCheckerNet(noise=False)], PATCH, STRIDE, antisymmetric=False)
+    noisy = PatchPyramidRegistration(
+        [RampAndCheckerNet(noise=True)], PATCH, STRIDE, antisymmetric=False, control_spacing=spacing
+    )
+    expected = smooth.displacement(smooth.networks[0], patches)
+    result = noisy.displacement(noisy.networks[0], patches)
+    inner = slice(spacing // 2, PATCH - spacing // 2)  # pixel centres from the first to the last cell centre
+    torch.testing.assert_close(result[..., inner, inner], expected[..., inner, inner], atol=1e-5, rtol=0)
+    # before the first cell centre the field is that centre's
+    corner = result[..., : spacing // 2, : spacing // 2]
+    torch.testing.assert_close(corner, result[..., :1, :1].expand_as(corner))
+    assert (result - expected).abs().max() < 0.1 * spacing  # only the half cells at the borders differ
+    assert (noisy.networks[0](patches) - expected).abs().min() > 0.99  # the network's own output is rough everywhere
+
+
+def test_control_spacing_must_divide_the_patch():
+    for wrong in (0, 5, 3):
+        with pytest.raises(ValueError, match="control_spacing"):
+            PatchPyramidRegistration([ConstantNet(0.0, 0.0)], PATCH, STRIDE, control_spacing=wrong)

@@ -55,6 +55,10 @@ class PatchPyramidRegistration(torch.nn.Module):
             the inputs inverts a small displacement, so this keeps the prediction but cancels any response the network
             gives regardless of content: identical patches (and empty glass) get exactly zero displacement. Costs a
             second pass over each group.
+        control_spacing: if > 1, each patch field is the network's output averaged over cells of this many pixels
+            and interpolated bilinearly between the cell centres: a control grid, smooth by construction, like a
+            B-spline's. A per-pixel output lets the network fit the cross-stain similarity with roughness that the
+            bending energy then fights (docs/design.md, "Sixth round"). Divides ``patch_size``.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class PatchPyramidRegistration(torch.nn.Module):
         group_size: int = 32,
         iterations: int | Sequence[int] = 3,
         antisymmetric: bool = True,
+        control_spacing: int = 1,
     ) -> None:
         super().__init__()
         self.networks = torch.nn.ModuleList(networks)
@@ -78,6 +83,9 @@ class PatchPyramidRegistration(torch.nn.Module):
             )
         self.iterations = tuple(counts)
         self.antisymmetric = antisymmetric
+        if control_spacing < 1 or patch_size % control_spacing:
+            raise ValueError(f"control_spacing must be >= 1 and divide patch_size {patch_size}, got {control_spacing}")
+        self.control_spacing = control_spacing
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, initial_field: torch.Tensor | None = None) -> torch.Tensor:
         """Args: moving, fixed: (1, 1, H, W); initial_field: (1, 2, H, W) pull field in pixels (e.g. the affine).
@@ -136,7 +144,12 @@ class PatchPyramidRegistration(torch.nn.Module):
 
     def displacement(self, network: torch.nn.Module, patches: torch.Tensor) -> torch.Tensor:
         """(n, 2, P, P) (moving, fixed) patches -> (n, 2, P, P) displacements in pixels."""
-        if not self.antisymmetric:
-            return network(patches)
-        both = network(torch.cat([patches, patches.flip(1)], dim=0))
-        return 0.5 * (both[: len(patches)] - both[len(patches) :])
+        if self.antisymmetric:
+            both = network(torch.cat([patches, patches.flip(1)], dim=0))
+            output = 0.5 * (both[: len(patches)] - both[len(patches) :])
+        else:
+            output = network(patches)
+        if self.control_spacing == 1:
+            return output
+        cells = F.avg_pool2d(output, self.control_spacing)
+        return F.interpolate(cells, size=output.shape[-2:], mode="bilinear", align_corners=False)
