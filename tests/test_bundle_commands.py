@@ -83,7 +83,7 @@ def test_training_resumes_from_its_checkpoint(trained, small_pair):
     log = process.stdout + process.stderr
     assert f"Restored all variables from {checkpoint}" in log
     assert "Epoch[2] Complete" in log and "Epoch[1] Complete" not in log  # epoch 1 is not trained again
-    assert "Current learning rate: 0.0009025" in log  # the per-level schedule resumed too: 1e-3 * 0.95 ** 2
+    assert "Current learning rate: 0.0027075" in log  # the per-level schedule resumed too: 3e-3 * 0.95 ** 2
 
 
 def test_inference_on_a_cover_table(trained, small_pair, tmp_path):

@@ -47,13 +47,10 @@ def nonrigid() -> torch.nn.Module:
         (4.0, 0, 1.0),
         (6.0, 1, 1.0),
         (4.0, 0, 0.7),
-        pytest.param(
-            6.0, 1, 0.7,
-            marks=pytest.mark.xfail(strict=True, reason="shipped model: 1.04 px; a stain change biases it by ~0.5 px"),
-        ),
+        (6.0, 1, 0.7),
     ],
 )
-def test_known_smooth_deformation_is_recovered_to_a_pixel(nonrigid, amplitude, seed, gamma):
+def test_known_smooth_deformation_is_recovered_to_half_a_pixel(nonrigid, amplitude, seed, gamma):
     slide = read_slide(SLIDE)
     geometry = PairGeometry.create(slide.pixels.shape[:2], slide.pixels.shape[:2], working_size=1024)
     image = to_working_grid(tissue_image(slide.pixels), geometry)[None]
@@ -70,4 +67,5 @@ def test_known_smooth_deformation_is_recovered_to_a_pixel(nonrigid, amplitude, s
     error_before = truth[0].norm(dim=0)[mask].mean().item()
     error_after = (estimate - truth)[0].norm(dim=0)[mask].mean().item()
     assert error_before > amplitude / 3  # a deformation of several pixels over the tissue
-    assert error_after < 1.0, f"mean end-point error {error_after:.2f} px (before: {error_before:.2f} px)"
+    # the shipped model: 0.11-0.13 px; the issue asks for below 1 px, the margin guards against a worse model
+    assert error_after < 0.5, f"mean end-point error {error_after:.2f} px (before: {error_before:.2f} px)"
