@@ -10,8 +10,8 @@ upsamples the rat-kidney sample pair (``bundle/sample/rat-kidney``, H&E target a
 bilinearly so that the common long side is exactly the working size (the bundle never upsamples, so the slides must
 be at least that large), builds the pipeline from ``configs/inference.yaml`` with ``monai.bundle.ConfigParser``
 (``working_size`` and ``group_size`` overridden, and ``iterations`` set to 3 at every level: the default skips the
-finest level, whose shipped network is the identity, and this benchmark measures the engine working at the full
-working resolution), runs one warm-up registration at 1024 px, then registers the pair
+finest level, which the shipped model neither trains nor runs, and this benchmark measures the engine working at the
+full working resolution), runs one warm-up registration at 1024 px, then registers the pair
 once with ``SlidePairRegistration`` and reports:
 
 - the pipeline's own per-stage seconds (``preprocessing``, ``affine``, ``nonrigid``, ``refinement``);
@@ -256,8 +256,8 @@ def render_markdown(record: dict) -> str:
             "",
             "The rat-kidney sample pair upsampled to each working size; one registration per row, each in its own "
             f"process after a warm-up, with {ENGINE_ITERATIONS} inner iterations at every level (the default config "
-            "skips the finest level, whose shipped network is the identity; here the engine works at the full working "
-            "resolution, as a retrained model would). Seconds are the pipeline's own stage timings. *+MB*: how far the process's "
+            "skips the finest level, which the shipped model neither trains nor runs; here the engine works at the full "
+            "working resolution, as a model trained at every level would). Seconds are the pipeline's own stage timings. *+MB*: how far the process's "
             "resident memory rose above its level at the start of the stage (peak during the stage minus start); "
             "*RSS before*: the process with the model and both full-resolution slides loaded; *peak during "
             "registration*: the process's peak resident memory while registering (the highest of the stage peaks). "
