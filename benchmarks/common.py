@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -24,6 +25,15 @@ def package_version(name: str) -> str | None:
         return version(name)
     except PackageNotFoundError:
         return None
+
+
+def require_elastix(parser: argparse.ArgumentParser, tools: list[str]) -> None:
+    """Stop before measuring anything when the elastix baseline is asked for but ``itk-elastix`` is missing: the
+    bundle's runs would take minutes and end in a table without its baseline."""
+    if "elastix" in tools and package_version("itk-elastix") is None:
+        parser.error(
+            "the elastix baseline needs itk-elastix: pip install -e '.[benchmark]' (or leave elastix out of --tools)"
+        )
 
 
 def available_cores() -> int:

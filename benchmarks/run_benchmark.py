@@ -48,6 +48,7 @@ from common import (
     command_line,
     machine_info,
     markdown_table,
+    require_elastix,
     run_measured,
     write_outputs,
 )
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    require_elastix(parser, args.tools)
     pairs_csv, output_dir = args.pairs_csv.resolve(), args.output_dir.resolve()
     runs = output_dir / "runs" / "anhir"
     machine = machine_info()

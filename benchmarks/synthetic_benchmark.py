@@ -39,7 +39,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import BUNDLE, RESULTS, available_cores, command_line, machine_info, markdown_table, write_outputs
+from common import (
+    BUNDLE,
+    RESULTS,
+    available_cores,
+    command_line,
+    machine_info,
+    markdown_table,
+    require_elastix,
+    write_outputs,
+)
 
 if str(BUNDLE) not in sys.path:
     sys.path.insert(0, str(BUNDLE))
@@ -180,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    require_elastix(parser, args.tools)
     machine = machine_info()
     warp = Warp(mode="bilinear", padding_mode="zeros")
 
