@@ -5,56 +5,102 @@ Measured on the real sample pairs (docs/design.md), local NCC, the similarity th
 alignments a few pixels away from the expert landmarks, while mutual information, which only asks that one image's
 intensity predict the other's, moves towards them. This stage keeps the networks' field and adds what mutual
 information asks for, the way elastix's B-spline stage does, but cheaply: each step reads a few thousand random
-pixels, not the image.
+positions, not the image. The mutual information's gradient is written out (``mutual_information``) and autograd
+only differentiates the interpolations: traced through the histogram, a step's forty small operations cost as much
+to record as to compute on a CPU (docs/design.md, "Seventh round").
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .fields import compose_fields, identity_grid, pull, resize_field
-from .mutual_information import SparseMutualInformationLoss
+from .mutual_information import ParzenWindows, mutual_information
 from .nonrigid import downsample
 
 BAND_PIXELS = 1 << 16  # working pixels per band of the final composition
 
 
-def _own(original: torch.Tensor, resampled: torch.Tensor) -> torch.Tensor:
-    """``resampled``, copied if it is ``original`` itself (factor 1): an inference-mode tensor cannot be saved for
-    backward, a resampled one is new anyway."""
-    return resampled.clone() if resampled is original else resampled
+def grid_bending_gradient(grid: torch.Tensor) -> torch.Tensor:
+    """Gradient of the bending energy of a (1, 2, h, w) control grid (h, w >= 3), in its own spacing.
 
-
-def grid_bending_energy(grid: torch.Tensor) -> torch.Tensor:
-    """Mean squared second differences (rows, columns, mixed) of a (1, 2, h, w) control grid, in its own spacing.
-
-    MONAI's ``BendingEnergyLoss`` uses central differences, which do not see a grid that alternates from node to
-    node; on a control grid that is the first thing noise excites, so neighbouring nodes are differenced here.
+    The energy is the mean squared second difference of neighbouring nodes along the rows, along the columns, and
+    mixed (the last counted twice), each mean taken over the differences that exist. MONAI's ``BendingEnergyLoss``
+    uses central differences, which do not see a grid that alternates from node to node; on a control grid that is
+    the first thing noise excites. A quadratic form, so its gradient is each difference operator's transpose applied
+    to the differences, written out with slices.
     """
+    gradient = torch.zeros_like(grid)
     rows = grid[..., 2:, :] - 2 * grid[..., 1:-1, :] + grid[..., :-2, :]
+    rows *= 2 / rows.numel()
+    gradient[..., 2:, :] += rows
+    gradient[..., 1:-1, :] -= 2 * rows
+    gradient[..., :-2, :] += rows
     cols = grid[..., :, 2:] - 2 * grid[..., :, 1:-1] + grid[..., :, :-2]
+    cols *= 2 / cols.numel()
+    gradient[..., :, 2:] += cols
+    gradient[..., :, 1:-1] -= 2 * cols
+    gradient[..., :, :-2] += cols
     mixed = grid[..., 1:, 1:] - grid[..., 1:, :-1] - grid[..., :-1, 1:] + grid[..., :-1, :-1]
-    return rows.square().mean() + cols.square().mean() + 2 * mixed.square().mean()
+    mixed *= 4 / mixed.numel()
+    gradient[..., 1:, 1:] += mixed
+    gradient[..., 1:, :-1] -= mixed
+    gradient[..., :-1, 1:] -= mixed
+    gradient[..., :-1, :-1] += mixed
+    return gradient
+
+
+class _Level:
+    """One optimisation level: its images, the given field, and the unit conversions a step needs.
+
+    Positions are kept as ``grid_sample`` reads them: (column, row), the first and last pixel centre (or control
+    node) at -1 and +1, arrays of shape (2, samples).
+
+    Args:
+        moving, fixed: (1, 1, h, w) level images.
+        field: (1, 2, h, w) the given pull field in level pixels.
+        working: (H, W) the working grid, on which the control grid is laid out.
+    """
+
+    def __init__(self, moving: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor, working: tuple[int, int]) -> None:
+        shape = tuple(fixed.shape[-2:])
+        # autograd saves the moving image to differentiate its interpolation; an inference tensor cannot be saved
+        self.moving = moving.clone() if moving.is_inference() else moving
+        self.fixed = fixed
+        new = fixed.new_tensor
+        scale = new([w / s for w, s in zip(working, shape)]).flip(0)[:, None]  # working px per level px
+        level_unit = new([2 / max(n - 1, 1) for n in shape]).flip(0)[:, None]  # grid_sample units per level px
+        working_unit = new([2 / max(n - 1, 1) for n in working]).flip(0)[:, None]
+        self.extent = new([n - 1 for n in shape]).flip(0)[:, None]  # pixels are drawn in [0, extent]
+        self.level_unit = level_unit
+        # level px p -> control-grid units: the pixel centres of both grids aligned, ((p + 0.5) scale - 0.5) in
+        # working px
+        self.node_scale = scale * working_unit
+        self.node_offset = (0.5 * scale - 0.5) * working_unit - 1
+        # a residual of one working px is 1 / scale level px
+        self.residual_to_unit = level_unit / scale
+        self.field = (field.flip(1) * level_unit.view(1, 2, 1, 1)).contiguous()  # (column, row), grid_sample units
 
 
 class MutualInformationRefinement(torch.nn.Module):
     """Refine a pull field by maximising the mutual information of the warped moving and the fixed image.
 
-    The refinement is a residual ``r`` applied before the given field (``total = field after r``, composed, never
-    summed), bilinear on a control grid with nodes every ``spacing`` working pixels. It is optimised coarse to fine on
-    the images downsampled by each of ``factors``; every Adam step draws ``samples`` random pixel positions and scores
-    ``-MI + alpha * bending energy of the grid``. The random draws come from a generator seeded with ``seed`` on every
-    call, so a pair always gets the same result.
+    The refinement is a residual ``r`` applied after the given field, in the moving image: ``total(x) = u(x) +
+    r(x + u(x))`` (composed, never summed), bilinear on a control grid with nodes every ``spacing`` working pixels. It
+    is optimised coarse to fine on the images downsampled by each of ``factors``; every Adam step draws ``samples``
+    random pixels of the fixed image and follows the gradient of ``-MI + alpha * bending energy of the grid``. The
+    random draws come from a generator seeded with ``seed`` on every call, so a pair always gets the same result.
 
     Args:
         spacing: control-node spacing in working pixels.
         factors: downsampling factor of each optimisation level, coarsest first.
         iterations: Adam steps per level.
         learning_rate: Adam step size, in working pixels.
-        samples: random pixel positions per step.
+        samples: random positions per step (anywhere between pixel centres, not only on them: on the sample
+            pairs, drawing whole pixels ended further from the landmarks, docs/design.md).
         alpha: weight of the control grid's bending energy.
-        bins: histogram bins per image of the mutual information (cubic B-spline Parzen windows,
-            :class:`SparseMutualInformationLoss`).
+        bins: histogram bins per image of the mutual information (cubic B-spline Parzen windows).
         seed: seed of the pixel sampling.
     """
 
@@ -76,45 +122,58 @@ class MutualInformationRefinement(torch.nn.Module):
         self.learning_rate = learning_rate
         self.samples = samples
         self.alpha = alpha
-        self.similarity = SparseMutualInformationLoss(bins)
+        self.bins = bins
         self.seed = seed
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
-        """Args: moving, fixed: (1, 1, H, W) working images; field: (1, 2, H, W) pull field in working pixels.
+        """Args: moving, fixed: (1, 1, H, W) working images in [0, 1]; field: (1, 2, H, W) pull field in working
+        pixels.
 
         Returns: (1, 2, H, W) the refined pull field, ``fixed(x) ~ moving(x + u(x))``.
         """
         shape = tuple(fixed.shape[-2:])
         nodes = [max(2, round((n - 1) / self.spacing) + 1) for n in shape]
-        # working pixel -> control node: the first and last nodes sit on the first and last pixel centres
-        to_node = fixed.new_tensor([(m - 1) / max(n - 1, 1) for m, n in zip(nodes, shape)]).view(1, 2, 1, 1)
-        # autograd inside the pipeline's inference mode: the images and field are read, never saved for backward
+        generator = torch.Generator(fixed.device).manual_seed(self.seed)
+        # autograd, inside the pipeline's inference mode, only for the derivatives of the interpolations
         with torch.inference_mode(False), torch.enable_grad():
+            # the residual in working px, channels (column, row) as grid_sample reads positions
             grid = torch.zeros(1, 2, *nodes, device=fixed.device, requires_grad=True)
-            optimizer = torch.optim.Adam([grid], lr=self.learning_rate)
-            generator = torch.Generator(fixed.device).manual_seed(self.seed)
+            optimizer = torch.optim.Adam([grid], lr=self.learning_rate, fused=True)
             for factor in self.factors:
-                moving_l, fixed_l = _own(moving, downsample(moving, factor)), _own(fixed, downsample(fixed, factor))
-                level_shape = tuple(fixed_l.shape[-2:])
-                field_l = _own(field, resize_field(field, level_shape))
-                # level pixel -> working pixel (pixel centres); working pixels -> level pixels
-                scale = fixed.new_tensor([w / l for w, l in zip(shape, level_shape)]).view(1, 2, 1, 1)
-                extent = fixed.new_tensor([n - 1 for n in level_shape]).view(1, 2, 1, 1)
+                level_shape = (-(-shape[0] // factor), -(-shape[1] // factor))
+                level = _Level(downsample(moving, factor), downsample(fixed, factor), resize_field(field, level_shape),
+                               shape)
                 for _ in range(self.iterations):
-                    points = torch.rand(1, 2, 1, self.samples, generator=generator, device=fixed.device) * extent
-                    optimizer.zero_grad(set_to_none=True)
-                    residual = pull(grid, ((points + 0.5) * scale - 0.5) * to_node, "border") / scale
-                    total = residual + pull(field_l, points + residual, "border")
-                    loss = self.similarity(pull(moving_l, points + total), pull(fixed_l, points))
-                    loss = loss + self.alpha * grid_bending_energy(grid)
-                    loss.backward()
+                    points = torch.rand(2, self.samples, generator=generator, device=fixed.device) * level.extent
+                    grid.grad = self._similarity_gradient(grid, level, points)
+                    grid.grad += self.alpha * grid_bending_gradient(grid.detach())
                     optimizer.step()
         # the refined field, composed in row bands so that only the result is image-sized
+        residual = grid.detach().flip(1)  # (row, column)
+        to_node = fixed.new_tensor([(m - 1) / max(n - 1, 1) for m, n in zip(nodes, shape)]).view(1, 2, 1, 1)
         refined = torch.empty_like(field)
         rows = max(1, BAND_PIXELS // shape[1])
         for start in range(0, shape[0], rows):
             positions = identity_grid((min(rows, shape[0] - start), shape[1]), fixed.device)
             positions[:, 0] += start
-            residual = pull(grid.detach(), positions * to_node, "border")
-            refined[..., start : start + rows, :] = compose_fields(field, residual, first_row=start)
+            band = pull(residual, positions * to_node, "border")
+            refined[..., start : start + rows, :] = compose_fields(field, band, first_row=start)
         return refined
+
+    def _similarity_gradient(self, grid: torch.Tensor, level: _Level, points: torch.Tensor) -> torch.Tensor:
+        """d(-MI)/d grid, (1, 2, h, w), from the fixed image's level positions ``points`` (2, samples), (column, row)."""
+        fixed_at = points * level.level_unit - 1
+        nodes = points * level.node_scale + level.node_offset
+        fixed_value = F.grid_sample(level.fixed, fixed_at.t()[None, None], align_corners=True)
+        residual = F.grid_sample(grid, nodes.t()[None, None], padding_mode="border", align_corners=True)
+        where = (fixed_at + residual.detach()[0, :, 0] * level.residual_to_unit).requires_grad_()
+        field = F.grid_sample(level.field, where.t()[None, None], padding_mode="border", align_corners=True)
+        value = F.grid_sample(level.moving, (where + field[0, :, 0]).t()[None, None], align_corners=True)
+        (slope,) = torch.autograd.grad(value.sum(), where)  # (2, samples): through the given field and the image
+        windows = [ParzenWindows.of(image.detach().flatten(), self.bins) for image in (value, fixed_value)]
+        _, gradient = mutual_information(*windows, self.bins)
+        # d(-MI)/d residual at each sample; each sample's share goes to the four nodes around it, as the
+        # interpolation took theirs
+        per_sample = -(gradient * slope * level.residual_to_unit)[None, :, None]
+        (gradient_grid,) = torch.autograd.grad(residual, grid, per_sample)
+        return gradient_grid
