@@ -1,7 +1,7 @@
 """Checkerboards and false-colour overlays for visual quality control of a registration.
 
-Images are single-channel intensities in ``[0, 1]`` with bright tissue on a dark background: ``fixed``
-is the target and ``moving`` the warped source, both of shape ``(H, W)``.
+Images are single-channel intensities in ``[0, 1]`` (or uint8, taken as they are) with bright tissue on a dark
+background: ``fixed`` is the target and ``moving`` the warped source, both of shape ``(H, W)``.
 """
 
 from __future__ import annotations
@@ -18,20 +18,22 @@ ImageLike = np.ndarray | torch.Tensor
 
 
 def _as_image(image: ImageLike, name: str) -> np.ndarray:
-    """``image`` as a float64 ``(H, W)`` array clipped to ``[0, 1]``.
+    """``image`` as a uint8 ``(H, W)`` array as it is, or else as a float64 one clipped to ``[0, 1]``.
 
     Leading singleton dimensions are dropped, so ``(1, H, W)`` and ``(1, 1, H, W)`` network outputs
     are accepted; tensors may live on any device and require grad.
     """
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().float().numpy()
-    array = np.asarray(image, dtype=np.float64)
+    array = np.asarray(image)
     while array.ndim > 2 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 2:
         raise ValueError(f"{name} must be a single-channel (H, W) image, got shape {np.shape(image)}")
+    if array.dtype == np.uint8:
+        return array
     # Interpolation can overshoot [0, 1] slightly; clipping keeps the 8-bit conversion exact.
-    return np.clip(array, 0.0, 1.0)
+    return np.clip(array.astype(np.float64), 0.0, 1.0)
 
 
 def _as_pair(fixed: ImageLike, moving: ImageLike) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +62,7 @@ def checkerboard(fixed: ImageLike, moving: ImageLike, tiles: int = 8) -> np.ndar
             rounded per pixel, so the count is exact even when the side is not divisible by it.
 
     Returns:
-        ``(H, W)`` float64 image in ``[0, 1]``; the top-left square comes from ``fixed``.
+        ``(H, W)`` float64 image in ``[0, 1]`` (uint8 if both inputs are); the top-left square comes from ``fixed``.
     """
     if tiles < 1:
         raise ValueError(f"tiles must be at least 1, got {tiles}")
@@ -125,8 +127,10 @@ def save_stage_panels(
     if not stage or Path(stage).name != stage:
         raise ValueError(f"stage must be a plain file-name fragment, got {stage!r}")
     folder = Path(out_dir)
-    # Convert once: both panels need host arrays, and a GPU tensor would otherwise be copied twice.
-    fixed_array, moving_array = _as_pair(fixed, moving)
+    # Convert once, to 8 bits: both panels need host arrays (a GPU tensor would otherwise be copied twice), and
+    # they only pick and stack pixels, which gives the same bytes whether it happens before or after the rounding,
+    # at an eighth of the memory traffic (a pair's six panels: 0.13 -> 0.07 s on the sample pairs, docs/design.md)
+    fixed_array, moving_array = (_to_uint8(array) for array in _as_pair(fixed, moving))
     return (
         save_png(folder / f"checkerboard-{stage}.png", checkerboard(fixed_array, moving_array)),
         save_png(folder / f"overlay-{stage}.png", overlay(fixed_array, moving_array)),
