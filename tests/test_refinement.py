@@ -49,7 +49,7 @@ def test_recovers_a_known_deformation_across_an_inverted_stain():
         refined = _refinement()(moving, fixed, start)
     before, after = _mean_error(start, truth, fixed), _mean_error(refined, truth, fixed)
     assert before > 1.5
-    assert after < 0.5, f"mean end-point error {before:.2f} -> {after:.2f} px"  # measured: 2.10 -> 0.14 px
+    assert after < 0.5, f"mean end-point error {before:.2f} -> {after:.2f} px"  # measured: 2.10 -> 0.17 px
 
 
 def test_composes_onto_the_given_field():
@@ -59,7 +59,7 @@ def test_composes_onto_the_given_field():
     with torch.inference_mode():
         refined = _refinement()(moving, fixed, truth + offset)
     assert _mean_error(truth + offset, truth, fixed) > 2.8
-    assert _mean_error(refined, truth, fixed) < 0.5  # measured: 0.15 px
+    assert _mean_error(refined, truth, fixed) < 0.5  # measured: 0.16 px
 
 
 def test_same_seed_same_result_and_zero_iterations_is_identity():

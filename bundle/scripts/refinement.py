@@ -144,7 +144,9 @@ class MutualInformationRefinement(torch.nn.Module):
                 level = _Level(downsample(moving, factor), downsample(fixed, factor), resize_field(field, level_shape),
                                shape)
                 for _ in range(self.iterations):
-                    points = torch.rand(2, self.samples, generator=generator, device=fixed.device) * level.extent
+                    # drawn rows first, as before the seventh round, so that a seed still gives the same positions
+                    draw = torch.rand(2, self.samples, generator=generator, device=fixed.device)
+                    points = draw.flip(0) * level.extent
                     grid.grad = self._similarity_gradient(grid, level, points)
                     grid.grad += self.alpha * grid_bending_gradient(grid.detach())
                     optimizer.step()
