@@ -60,6 +60,7 @@ SOURCE = BUNDLE / "sample/rat-kidney/Rat-Kidney_PanCytokeratin.jpg"
 DEFAULT_GROUP_SIZE = int(ConfigParser.load_config_file(BUNDLE / "configs/inference.yaml")["group_size"])
 # every level runs, the finest included (the default config skips it): the engine's cost at the working resolution
 ENGINE_ITERATIONS = 3
+STAGES = ("affine", "nonrigid", "refinement")  # the stages MeasuredStage wraps
 
 
 # Resetting VmHWM also resets what getrusage / wait4 report as ru_maxrss (the kernel keeps one high-water mark),
@@ -80,20 +81,29 @@ def _release_free_heap() -> None:
 
 
 class MeasuredStage:
-    """Proxy for a pipeline component: records the peak RSS while it runs and the RSS it started from."""
+    """Proxy for a pipeline component: records the peak RSS while it runs and the RSS it started from, and on a GPU
+    the peak of the memory PyTorch allocated on it during the stage."""
 
-    def __init__(self, component, name: str, log: dict) -> None:
-        self._component, self._name, self._log = component, name, log
+    def __init__(self, component, name: str, log: dict, cuda: bool) -> None:
+        self._component, self._name, self._log, self._cuda = component, name, log, cuda
 
     def __call__(self, *args, **kwargs):
+        import torch
+
         # the peak since the last reset belongs to what ran before this stage (preprocessing, for the affine)
         self._log.setdefault("_before", {})[self._name] = status_mb("VmHWM")
         _release_free_heap()
         _reset_peak()
+        if self._cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start_rss = status_mb("VmRSS")
         result = self._component(*args, **kwargs)
         self._log[self._name] = {"start_rss_mb": start_rss, "peak_rss_mb": status_mb("VmHWM")}
         self._log[self._name]["increase_mb"] = self._log[self._name]["peak_rss_mb"] - start_rss
+        if self._cuda:
+            torch.cuda.synchronize()
+            self._log[self._name]["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         _reset_peak()
         return result
 
@@ -135,9 +145,10 @@ def worker(size: int, group_size: int, output: Path, threads: int | None) -> Non
     target, source = upsample(target), upsample(source)
     registration = build(size)
     log: dict = {}
-    registration.initializer = MeasuredStage(registration.initializer, "affine", log)
-    registration.nonrigid = MeasuredStage(registration.nonrigid, "nonrigid", log)
-    registration.refinement = MeasuredStage(registration.refinement, "refinement", log)
+    cuda = registration.device.type == "cuda"  # the config's device: a GPU when there is one
+    registration.initializer = MeasuredStage(registration.initializer, "affine", log, cuda)
+    registration.nonrigid = MeasuredStage(registration.nonrigid, "nonrigid", log, cuda)
+    registration.refinement = MeasuredStage(registration.refinement, "refinement", log, cuda)
     rss_before = status_mb("VmRSS")
     _reset_peak()
     _PROCESS_PEAK[0] = rss_before  # from here on: the registration's peak (the warm-up's and upsampling's are not)
@@ -158,6 +169,7 @@ def worker(size: int, group_size: int, output: Path, threads: int | None) -> Non
     record = {
         "working_size": size,
         "group_size": group_size,
+        "device": str(registration.device),
         "working_shape": list(result.transform.geometry.working_shape),
         "slide_shape": list(target.pixels.shape),
         "timings_seconds": result.timings,
@@ -247,12 +259,20 @@ def render_markdown(record: dict) -> str:
                 memory["refinement"]["increase_mb"], run["rss_before_registration_mb"], run["registration_peak_rss_mb"],
             ]
         )
+    devices = sorted({run["device"] for run in record["runs"] if "device" in run}) or ["unknown"]
+    on_gpu = any(device.startswith("cuda") for device in devices)
+    if on_gpu:  # host memory says little about a GPU run: the stages' peak GPU allocations, last
+        header.append("GPU peak MB (affine / nonrigid / refinement)")
+        for run, row in zip(record["runs"], rows):
+            peaks = [run.get("stages_memory", {}).get(stage, {}).get("cuda_peak_allocated_mb") for stage in STAGES]
+            row.append(" / ".join("-" if peak is None else f"{peak:.0f}" for peak in peaks))
+    device_text = ", ".join(devices) + (f" ({machine.get('gpu')})" if on_gpu else "")
     return "\n".join(
         [
             "## Scaling with the working resolution (bundle)",
             "",
             f"`{record['command']}`, on {machine['cpu']} ({machine['cores']} cores, {machine['ram_gb']} GB RAM), "
-            f"device CPU, torch {machine['torch']}.",
+            f"device {device_text}, torch {machine['torch']}.",
             "",
             "The rat-kidney sample pair upsampled to each working size; one registration per row, each in its own "
             f"process after a warm-up, with {ENGINE_ITERATIONS} inner iterations at every level (the default config "
