@@ -63,7 +63,9 @@ class _Level:
         working: (H, W) the working grid, on which the control grid is laid out.
     """
 
-    def __init__(self, moving: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor, working: tuple[int, int]) -> None:
+    def __init__(
+        self, moving: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor, working: tuple[int, int]
+    ) -> None:
         shape = tuple(fixed.shape[-2:])
         # autograd saves the moving image to differentiate its interpolation; an inference tensor cannot be saved
         self.moving = moving.clone() if moving.is_inference() else moving
@@ -86,11 +88,12 @@ class _Level:
 class MutualInformationRefinement(torch.nn.Module):
     """Refine a pull field by maximising the mutual information of the warped moving and the fixed image.
 
-    The refinement is a residual ``r`` applied after the given field, in the moving image: ``total(x) = u(x) +
-    r(x + u(x))`` (composed, never summed), bilinear on a control grid with nodes every ``spacing`` working pixels. It
-    is optimised coarse to fine on the images downsampled by each of ``factors``; every Adam step draws ``samples``
-    random pixels of the fixed image and follows the gradient of ``-MI + alpha * bending energy of the grid``. The
-    random draws come from a generator seeded with ``seed`` on every call, so a pair always gets the same result.
+    The refinement is a residual ``r`` applied before the given field ``u``: ``total(x) = r(x) + u(x + r(x))``
+    (composed, never summed), bilinear on a control grid with nodes every ``spacing`` working pixels of the fixed
+    image. It is optimised coarse to fine on the images downsampled by each of ``factors``; every Adam step reads
+    ``samples`` random positions of the fixed image and follows the gradient of ``-MI + alpha * bending energy of the
+    grid``. The random draws come from a generator seeded with ``seed`` on every call, so a pair always gets the same
+    result.
 
     Args:
         spacing: control-node spacing in working pixels.
@@ -101,7 +104,7 @@ class MutualInformationRefinement(torch.nn.Module):
             pairs, drawing whole pixels ended further from the landmarks, docs/design.md).
         alpha: weight of the control grid's bending energy.
         bins: histogram bins per image of the mutual information (cubic B-spline Parzen windows).
-        seed: seed of the pixel sampling.
+        seed: seed of the position sampling.
     """
 
     def __init__(
@@ -141,10 +144,10 @@ class MutualInformationRefinement(torch.nn.Module):
             optimizer = torch.optim.Adam([grid], lr=self.learning_rate, fused=True)
             for factor in self.factors:
                 level_shape = (-(-shape[0] // factor), -(-shape[1] // factor))
-                level = _Level(downsample(moving, factor), downsample(fixed, factor), resize_field(field, level_shape),
-                               shape)
+                images = downsample(moving, factor), downsample(fixed, factor)
+                level = _Level(*images, resize_field(field, level_shape), shape)
                 for _ in range(self.iterations):
-                    # drawn rows first, as before the seventh round, so that a seed still gives the same positions
+                    # rows first, the order they have always been drawn in, so that a seed keeps its positions
                     draw = torch.rand(2, self.samples, generator=generator, device=fixed.device)
                     points = draw.flip(0) * level.extent
                     grid.grad = self._similarity_gradient(grid, level, points)
@@ -163,7 +166,7 @@ class MutualInformationRefinement(torch.nn.Module):
         return refined
 
     def _similarity_gradient(self, grid: torch.Tensor, level: _Level, points: torch.Tensor) -> torch.Tensor:
-        """d(-MI)/d grid, (1, 2, h, w), from the fixed image's level positions ``points`` (2, samples), (column, row)."""
+        """d(-MI)/d grid, (1, 2, h, w), at the fixed image's level positions ``points``, (2, samples) (column, row)."""
         fixed_at = points * level.level_unit - 1
         nodes = points * level.node_scale + level.node_offset
         fixed_value = F.grid_sample(level.fixed, fixed_at.t()[None, None], align_corners=True)
