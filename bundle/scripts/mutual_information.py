@@ -7,7 +7,7 @@ histogram, the way elastix's Mattes mutual information builds it. The gradient i
 (IEEE TMI 2003): a sample's intensity moves the 16 bins it touches, and each bin's share of the gradient is its
 pointwise mutual information. The refinement evaluates this a few hundred times per pair on a few thousand samples;
 arrays keep the samples along their last, contiguous dimension, because on a CPU broadcasting over a short last
-dimension (the four weights) cost ten times more than the arithmetic (docs/design.md, "Seventh round").
+dimension (the four weights) cost up to 13 times more than the arithmetic (docs/design.md, "Seventh round").
 """
 
 from __future__ import annotations
