@@ -30,15 +30,15 @@ class ParzenWindows:
             fourth weight would be zero); bin -1 is the histogram's first, so the windows lie in ``bins + 2`` bins.
         weights: (4, N) weights on bins ``first .. first + 3``; they sum to 1.
         slopes: (4, N) derivatives of the weights with respect to the intensity; they sum to 0. Zero where the
-            intensity was clipped to [0, 1].
+            intensity was clipped to [0, 1]. None when not asked for (the fixed image's samples never move).
     """
 
     first: torch.Tensor
     weights: torch.Tensor
-    slopes: torch.Tensor
+    slopes: torch.Tensor | None
 
     @classmethod
-    def of(cls, intensities: torch.Tensor, bins: int) -> ParzenWindows:
+    def of(cls, intensities: torch.Tensor, bins: int, slopes: bool = True) -> ParzenWindows:
         """Windows of (N,) intensities; values outside [0, 1] are clipped (and get no slope)."""
         if bins < 4:
             raise ValueError(f"bins must be at least 4 (a window spans four bins), got {bins}")
@@ -47,16 +47,18 @@ class ParzenWindows:
         u = (position - base)[None]
         c = _POWERS.to(intensities)[..., None]  # (power, bin, 1)
         weights = ((c[3] * u + c[2]) * u + c[1]) * u + c[0]
+        if not slopes:
+            return cls(base.long() - 1, weights, None)
         inside = ((intensities > 0) & (intensities < 1)) * float(bins - 1)
-        slopes = ((3 * c[3] * u + 2 * c[2]) * u + c[1]) * inside
-        return cls(base.long() - 1, weights, slopes)
+        return cls(base.long() - 1, weights, ((3 * c[3] * u + 2 * c[2]) * u + c[1]) * inside)
 
 
 def mutual_information(moving: ParzenWindows, fixed: ParzenWindows, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mutual information of N paired samples and its derivative with respect to each moving intensity.
 
     Args:
-        moving, fixed: windows of the N samples of each image (``ParzenWindows.of(intensities, bins)``).
+        moving, fixed: windows of the N samples of each image (``ParzenWindows.of(intensities, bins)``); only the
+            moving windows need their slopes.
         bins: the bins both were made with.
     Returns:
         mi: scalar, in nats.

@@ -175,8 +175,9 @@ class MutualInformationRefinement(torch.nn.Module):
         field = F.grid_sample(level.field, where.t()[None, None], padding_mode="border", align_corners=True)
         value = F.grid_sample(level.moving, (where + field[0, :, 0]).t()[None, None], align_corners=True)
         (slope,) = torch.autograd.grad(value.sum(), where)  # (2, samples): through the given field and the image
-        windows = [ParzenWindows.of(image.detach().flatten(), self.bins) for image in (value, fixed_value)]
-        _, gradient = mutual_information(*windows, self.bins)
+        moving_windows = ParzenWindows.of(value.detach().flatten(), self.bins)
+        fixed_windows = ParzenWindows.of(fixed_value.flatten(), self.bins, slopes=False)
+        _, gradient = mutual_information(moving_windows, fixed_windows, self.bins)
         # d(-MI)/d residual at each sample; each sample's share goes to the four nodes around it, as the
         # interpolation took theirs
         per_sample = -(gradient * slope * level.residual_to_unit)[None, :, None]
