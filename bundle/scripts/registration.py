@@ -75,20 +75,24 @@ class SlidePairRegistration:
         geometry = PairGeometry.create(target.pixels.shape[:2], source.pixels.shape[:2], self.working_size)
         fixed = to_working_grid(tissue_image(target.pixels), geometry)[None].to(self.device)
         moving = to_working_grid(tissue_image(source.pixels), geometry)[None].to(self.device)
+        _require_finite("preprocessing", target_image=fixed, source_image=moving)
         timings["preprocessing"] = self._lap(start)
 
         start = time.perf_counter()
         matrix = self.initializer(moving, fixed).to(self.device)
         initial = affine_to_field(matrix, geometry.working_shape)
+        _require_finite("affine", matrix=matrix)
         timings["affine"] = self._lap(start)
 
         start = time.perf_counter()
         total = self.nonrigid(moving, fixed, initial)
+        _require_finite("nonrigid", field=total)  # before the refinement, whose grid_sample crashes on NaN
         timings["nonrigid"] = self._lap(start)
 
         if self.refinement is not None:
             start = time.perf_counter()
             total = self.refinement(moving, fixed, total)
+            _require_finite("refinement", field=total)
             timings["refinement"] = self._lap(start)
 
         stages = {
@@ -103,3 +107,10 @@ class SlidePairRegistration:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+
+def _require_finite(stage: str, **tensors: torch.Tensor) -> None:
+    """Fail the pair, not the process, where ``stage`` produced a NaN or infinite value in one of ``tensors``."""
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise FloatingPointError(f"the {stage} stage produced a non-finite {name.replace('_', ' ')} (NaN or inf)")
