@@ -8,9 +8,13 @@ ANHIR / BIRL CSV files. Every problem with a user-supplied file raises :class:`R
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import math
 import os
 import secrets
+import stat
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +30,21 @@ from PIL import Image
 
 from .errors import RegistrationInputError
 
-__all__ = ["Slide", "read_slide", "read_landmarks", "write_landmarks", "write_png", "write_slide", "atomic_path"]
+__all__ = [
+    "MAX_TEXT_FILE_BYTES",
+    "Slide",
+    "atomic_path",
+    "read_landmarks",
+    "read_slide",
+    "read_text_file",
+    "write_landmarks",
+    "write_png",
+    "write_slide",
+]
+
+# The most a landmark or annotation file may hold. ANHIR's landmark files are a few kB; 64 MiB of CSV is millions of
+# points, and bounds what reading a wrong file (a log, a slide, a growing file) can take.
+MAX_TEXT_FILE_BYTES = 64 * 2**20
 
 _PIL_SUFFIXES = (".jpg", ".jpeg", ".png")
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -182,29 +200,28 @@ def read_landmarks(path: PathLike) -> np.ndarray:
     Returns:
         (N, 2) float64, N >= 1, columns [X, Y] = [column, row] in pixels, origin at the top-left pixel.
     Raises:
-        RegistrationInputError: the file is missing, not text, has no X and Y columns, a missing, non-numeric or
-            non-finite coordinate (naming its line), or no points.
+        RegistrationInputError: the file is missing, not a regular file, larger than ``MAX_TEXT_FILE_BYTES``, not
+            UTF-8 text, has no X and Y columns, a missing, non-numeric or non-finite coordinate (naming its line), or
+            no points.
     """
-    file = _existing_file(path)
-    try:
-        # utf-8-sig drops the byte-order mark that spreadsheet programs put before the header
-        lines = file.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise RegistrationInputError(path, f"cannot be read as a CSV text file: {err}") from err
+    lines = read_text_file(path, "landmark file")
     rows = csv.reader(lines)
-    header = [name.strip() for name in next(rows, [])]
-    if "X" not in header or "Y" not in header:
-        raise RegistrationInputError(path, f"no X and Y columns in the header {header} (expected ',X,Y')")
-    x_column, y_column = header.index("X"), header.index("Y")
-    points = []
-    for row in rows:
-        if not "".join(row).strip():  # blank lines, e.g. at the end of the file
-            continue
-        line = rows.line_num
-        points.append((_coordinate(path, row, x_column, "X", line), _coordinate(path, row, y_column, "Y", line)))
+    try:
+        header = [name.strip() for name in next(rows, [])]
+        if "X" not in header or "Y" not in header:
+            raise RegistrationInputError(path, f"no X and Y columns in the header {header} (expected ',X,Y')")
+        x_column, y_column = header.index("X"), header.index("Y")
+        points = array("d")  # 16 bytes a point, whatever the file's text takes
+        for row in rows:
+            if not "".join(row).strip():  # blank lines, e.g. at the end of the file
+                continue
+            line = rows.line_num
+            points.extend((_coordinate(path, row, x_column, "X", line), _coordinate(path, row, y_column, "Y", line)))
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise RegistrationInputError(path, f"cannot be read as a CSV text file: {err}") from err
     if not points:
         raise RegistrationInputError(path, "no landmark points (only a header)")
-    return np.asarray(points, dtype=np.float64)
+    return np.frombuffer(points, dtype=np.float64).reshape(-1, 2).copy()
 
 
 def write_landmarks(path: PathLike, points: np.ndarray) -> None:
@@ -227,13 +244,68 @@ def write_landmarks(path: PathLike, points: np.ndarray) -> None:
         writer.writerows((index, f"{x:.3f}", f"{y:.3f}") for index, (x, y) in enumerate(points))
 
 
+def read_text_file(path: PathLike, what: str, limit: int = MAX_TEXT_FILE_BYTES) -> io.TextIOWrapper:
+    """Open a UTF-8 text file (a landmark or annotation file) that must be a regular file of at most ``limit`` bytes.
+
+    The bytes are read at once, up to ``limit`` + 1 whatever the file claims, and decoded lazily as the lines are
+    read, so memory stays within the bound; a byte-order mark (spreadsheet programs write one) is dropped.
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages (e.g. "landmark file").
+        limit: the most bytes the file may hold.
+    Returns:
+        the text, as a stream of lines (newlines kept, for :func:`csv.reader`).
+    Raises:
+        RegistrationInputError: the file is missing, not a regular file, larger than ``limit`` or cannot be read.
+    """
+    _existing_file(path)
+    too_large = f"is larger than the {limit / 2**20:g} MiB a {what} may be"
+    try:
+        # non-blocking: should the path have become a FIFO since it was checked, opening it does not wait for a writer
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(descriptor, "rb", closefd=True) as stream:
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
+                raise RegistrationInputError(path, f"is not a regular file, so it cannot be a {what}")
+            if status.st_size > limit:
+                raise RegistrationInputError(path, too_large)
+            data = stream.read(limit + 1)  # the file may have grown since
+    except OSError as err:
+        raise RegistrationInputError(path, f"cannot be read as a {what}: {err.strerror or err}") from err
+    if len(data) > limit:
+        raise RegistrationInputError(path, too_large)
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline="")
+
+
+# What a path that is not a regular file names, by the st_mode test that recognises it.
+_SPECIAL_FILES = {
+    stat.S_ISFIFO: "a named pipe (FIFO)",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+    stat.S_ISSOCK: "a socket",
+}
+
+
 def _existing_file(path: PathLike) -> Path:
-    """``path`` as a Path, after checking that it names an existing file (not a directory)."""
+    """``path`` as a Path, after checking that it names an existing regular file (after symbolic links).
+
+    ``os.stat`` only: a FIFO is never opened (opening one waits for a writer), nor a device (``/dev/zero`` never ends).
+    """
     file = Path(path)
-    if not file.exists():
-        raise RegistrationInputError(path, "file not found")
-    if file.is_dir():
+    try:
+        mode = file.stat().st_mode
+    except FileNotFoundError:
+        broken = file.is_symlink()
+        raise RegistrationInputError(path, "symbolic link to a missing file" if broken else "file not found") from None
+    except OSError as err:
+        problem = "symbolic link loop" if err.errno == errno.ELOOP else "cannot be accessed"
+        raise RegistrationInputError(path, f"{problem} ({err.strerror or err})") from err
+    if stat.S_ISDIR(mode):
         raise RegistrationInputError(path, "is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _SPECIAL_FILES.items() if test(mode)), "a special file")
+        raise RegistrationInputError(path, f"is {kind}, not a regular file")
     return file
 
 
