@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -22,7 +24,7 @@ from PIL import Image
 
 from scripts import ResultsEvaluation
 from scripts.errors import RegistrationInputError
-from scripts.slide_io import write_landmarks
+from scripts.slide_io import read_landmarks, write_landmarks
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 STAGES = ("initial", "affine", "nonrigid")
@@ -195,7 +197,10 @@ def evaluated(tmp_path_factory) -> SimpleNamespace:
 def test_metrics_json(evaluated):
     metrics = json.loads((evaluated.out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(evaluated.metrics))  # the file is what run() returned
-    assert list(metrics) == ["pairs", "final_stage", "not_registered", "overall", "per_tissue"]
+    assert list(metrics) == [
+        "pairs", "final_stage", "not_registered", "invalid_times", "overall", "per_tissue", "non_finite"
+    ]
+    assert metrics["invalid_times"] == {} and metrics["non_finite"] == []
     assert metrics["pairs"] == 6 and metrics["final_stage"] == "nonrigid"
     results = evaluated.tables.results.resolve()
     assert metrics["not_registered"] == {
@@ -335,3 +340,110 @@ def test_target_image_missing(evaluated, tmp_path, diagonal):
         assert str(error.value).startswith(f"{tmp_path / 'gone.png'}: ")
     else:  # the cover table's diagonal stands in for the image (pair A's: 50 px)
         _assert_aggregates(evaluation.run()["overall"]["nonrigid"], (0.1, 0.1, 0.3, 2 / 3, None, 1))
+
+
+# --- 4. results that would fool the evaluation (issue 14, item 8) -------------------------------------------------
+
+
+def _pair_a(evaluated, root: Path, points: np.ndarray | None = None, **cells: str) -> tuple[Path, Path]:
+    """Cover and results tables of pair A alone (absolute paths); ``points``: warped source landmarks written to
+    ``root/warped.csv`` instead of A.csv; ``cells``: results cells to set."""
+    _, rows = _read_csv(evaluated.tables.cover)
+    paths = {column: str(evaluated.tables.data / rows[0][column]) for column in COVER_COLUMNS[:4]}
+    cover = _write_csv(root / "pairs.csv", COVER_COLUMNS, [{**paths, "Image diagonal [pixels]": "1000"}])
+    warped = evaluated.tables.results.parent / "A.csv"
+    if points is not None:
+        warped = root / "warped.csv"
+        write_landmarks(warped, points)
+    result = {"Warped source landmarks": str(warped), "Execution time [minutes]": "2.0", "Status": "OK", **cells}
+    return cover, _write_csv(root / "results.csv", RESULT_COLUMNS, [{**paths, **result}])
+
+
+def _strict_json(path: Path) -> dict:
+    """metrics.json parsed as strict JSON: NaN and Infinity, which Python writes but JSON lacks, are refused."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"{token} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("copy", ["same-file", "same-coordinates"])
+def test_ground_truth_as_warped_landmarks_counts_as_not_registered(evaluated, tmp_path, copy):
+    truth = evaluated.tables.data / "kidney_1" / "a-target.csv"
+    if copy == "same-file":
+        cover, results = _pair_a(evaluated, tmp_path, **{"Warped source landmarks": str(truth)})
+    else:
+        cover, results = _pair_a(evaluated, tmp_path, points=read_landmarks(truth))
+    metrics = ResultsEvaluation(cover, results, tmp_path / "eval").run()
+    (reason,) = metrics["not_registered"].values()
+    assert "the cover table's target landmark" in reason and reason.endswith("not a registration result")
+    # scored as the identity (0.2 for pair A), not as a perfect 0
+    assert metrics["overall"]["nonrigid"]["median_median_rtre"] == pytest.approx(0.2)
+    status = _read_csv(tmp_path / "eval" / "evaluation-pairs.csv")[1][0]["Status"]
+    assert status == f"not registered: {reason}"
+
+
+def test_a_pair_registered_onto_itself_may_score_zero(evaluated, tmp_path):
+    # where the source landmarks already were the target's, warped landmarks equal to them are a true result
+    truth = evaluated.tables.data / "kidney_1" / "a-target.csv"
+    cover, results = _pair_a(evaluated, tmp_path, points=read_landmarks(truth))
+    _, rows = _read_csv(cover)
+    rows[0]["Source landmarks"] = str(shutil.copyfile(truth, tmp_path / "source.csv"))
+    cover = _write_csv(cover, COVER_COLUMNS, rows)
+    _, result_rows = _read_csv(results)
+    result_rows[0]["Source landmarks"] = rows[0]["Source landmarks"]
+    results = _write_csv(results, RESULT_COLUMNS, result_rows)
+    metrics = ResultsEvaluation(cover, results, tmp_path / "eval").run()
+    assert metrics["not_registered"] == {} and metrics["overall"]["nonrigid"]["median_median_rtre"] == 0.0
+
+
+@pytest.mark.parametrize("far", [1e200, 1.5e308], ids=["1e200", "overflowing"])
+def test_far_landmarks_keep_metrics_json_valid(evaluated, tmp_path, far):
+    points = read_landmarks(evaluated.tables.results.parent / "A.csv")
+    points[1] = (far, -far)
+    points[2] = (-far, far)  # 1.5e308 - (-1.5e308) is beyond the largest float: an infinite distance
+    cover, results = _pair_a(evaluated, tmp_path, points=points)
+    returned = ResultsEvaluation(cover, results, tmp_path / "eval").run()
+    metrics = _strict_json(tmp_path / "eval" / "metrics.json")
+    assert metrics == returned
+    nonrigid = metrics["overall"]["nonrigid"]
+    if far == 1e200:  # far, but a finite distance: counted as it is
+        assert nonrigid["mean_max_rtre"] == pytest.approx(math.hypot(far, far) / 50)
+        assert metrics["non_finite"] == []
+    else:  # the mean and maximum are infinite: null, and named
+        assert nonrigid["mean_max_rtre"] is None and nonrigid["mean_median_rtre"] is None
+        assert "overall.nonrigid.mean_max_rtre" in metrics["non_finite"]
+        tissue = next(iter(metrics["per_tissue"]))
+        assert f"per_tissue.{tissue}.nonrigid.mean_max_rtre" in metrics["non_finite"]
+
+
+def test_invalid_times_are_listed_not_silently_dropped(evaluated, tmp_path):
+    invalid = {"-3": "is negative", "nan": "is not finite", "inf": "is not finite", "quick": "is not a number"}
+    cover, results = _pair_a(evaluated, tmp_path)
+    # pair A four times, with one invalid time each, and once with a valid time
+    _, rows = _read_csv(cover)
+    cover = _write_csv(cover, COVER_COLUMNS, rows * 5)
+    _, result_rows = _read_csv(results)
+    times = [*invalid, "2.5"]
+    results = _write_csv(results, RESULT_COLUMNS, [{**result_rows[0], "Execution time [minutes]": t} for t in times])
+    metrics = ResultsEvaluation(cover, results, tmp_path / "eval").run()
+    pairs = _read_csv(tmp_path / "eval" / "evaluation-pairs.csv")[1]
+    expected = {pair["Pair"]: f"execution time {t!r} {invalid[t]}" for pair, t in zip(pairs, invalid)}
+    assert metrics["invalid_times"] == expected
+    assert metrics["overall"]["nonrigid"]["mean_time_minutes"] == 2.5  # the one valid time, and the list says why
+    for pair, t in zip(pairs, invalid):
+        assert pair["Status"].endswith(f"execution time {t!r} {invalid[t]} (left out of the mean time)")
+    assert pairs[-1]["Status"].startswith("affine: identity") and "execution time" not in pairs[-1]["Status"]
+    _strict_json(tmp_path / "eval" / "metrics.json")
+
+
+def test_an_unreadable_warped_path_does_not_leak_its_content(evaluated, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:hunter2:the first line of someone's file\nmore\n")
+    cover, results = _pair_a(evaluated, tmp_path, **{"Warped source landmarks": str(secret)})
+    metrics = ResultsEvaluation(cover, results, tmp_path / "eval").run()
+    (reason,) = metrics["not_registered"].values()
+    assert reason.startswith(f"{secret}: no X and Y columns")
+    written = (tmp_path / "eval" / "metrics.json").read_text() + (tmp_path / "eval" / "evaluation-pairs.csv").read_text()
+    assert "hunter2" not in written

@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from .cover_table import (
 )
 from .errors import RegistrationInputError
 from .evaluation_plots import save_evaluation_plots
-from .metrics import PairScores, image_diagonal, pair_landmarks, score_pair, summarise
+from .metrics import PairScores, finite_for_json, image_diagonal, pair_landmarks, score_pair, summarise
 from .slide_io import atomic_path, read_landmarks
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ INITIAL = "initial"
 # `Warped source landmarks (affine)`: the landmarks as an intermediate stage left them.
 _STAGE_COLUMN = re.compile(rf"^{re.escape(WARPED_SOURCE_LANDMARKS)} \((.+)\)$")
 _TIFF_SUFFIXES = (".tif", ".tiff")
+# ANHIR landmark files hold 3 decimals (write_landmarks' format): warped landmarks within this of every ground-truth
+# landmark are a copy of the ground truth, not a registration's result
+_COPY_TOLERANCE = 5e-4
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,11 @@ class PairEvaluation:
         scores: per stage (``initial``, intermediate stages, final stage) the ANHIR scores; empty when the cover
             table gives no landmarks for the pair, which is then left out of every aggregate.
         time_minutes: execution time from the results table (the slowest of the table for a pair counted as not
-            registered), or None where the table has none.
-        status: ``OK``, or what went wrong (``not registered: ...``, ``<stage>: identity (...)``, ``not scored: ...``).
+            registered), or None where the table has none or an invalid one.
+        status: ``OK``, or what went wrong (``not registered: ...``, ``<stage>: identity (...)``, ``not scored: ...``,
+            ``execution time ... (left out of the mean time)``).
+        time_problem: why the table's execution time of a registered pair is invalid (not a number, not finite,
+            negative), or None.
     """
 
     name: str
@@ -65,6 +72,7 @@ class PairEvaluation:
     scores: dict[str, PairScores]
     time_minutes: float | None
     status: str
+    time_problem: str | None = None
 
 
 class ResultsEvaluation:
@@ -81,9 +89,15 @@ class ResultsEvaluation:
     landmarks stay where they were (identity) and its time is the slowest of the table. The cover table is the
     ground truth: its landmark files and target images must be readable.
 
+    Warped landmarks that are the ground truth they are scored against (the cover table's own file, or its
+    coordinates to the 3 decimals of the format, where the pair was not aligned to begin with) would score a perfect 0:
+    the pair counts as not registered, with that reason. A registered pair's invalid execution time (not a number, not
+    finite, negative) is left out of the mean time and listed.
+
     ``<output_dir>/`` receives ``metrics.json`` (aggregates overall and per tissue, per stage; pairs counted as not
-    registered with the reason), ``evaluation-pairs.csv`` (one row per cover pair) and the PNG plots of
-    :func:`scripts.evaluation_plots.save_evaluation_plots`.
+    registered with the reason; ``invalid_times``, pair -> problem; ``non_finite``, the figures that were NaN or
+    infinite and are written as null, since JSON has neither), ``evaluation-pairs.csv`` (one row per cover pair) and
+    the PNG plots of :func:`scripts.evaluation_plots.save_evaluation_plots`.
 
     Args:
         pairs_csv: the ANHIR / BIRL cover table; its paths are relative to its folder (or absolute).
@@ -109,7 +123,7 @@ class ResultsEvaluation:
         columns, results = _read_results(self.results_csv)
         intermediate = self._intermediate_stages(columns)
         stages = (INITIAL, *intermediate, self.final_stage)
-        times = [time for row in results if (time := _minutes(row)) is not None]
+        times = [time for row in results if (time := _minutes(row)[0]) is not None]
         slowest = max(times, default=None)
 
         # Rows sharing the four paths are matched in order, so a table may hold the same pair twice.
@@ -129,26 +143,39 @@ class ResultsEvaluation:
         if unmatched:
             logger.warning(f"{unmatched} row(s) of {self.results_csv} match no pair of {self.pairs_csv}: ignored")
 
-        metrics = {
-            "pairs": len(pairs),
-            "final_stage": self.final_stage,
-            "not_registered": not_registered,
-            "overall": _aggregates(evaluations, stages),
-            "per_tissue": {
-                tissue: _aggregates([e for e in evaluations if e.tissue == tissue], stages)
-                for tissue in sorted({e.tissue for e in evaluations if e.scores})
-            },
-        }
+        invalid_times = {e.name: e.time_problem for e in evaluations if e.time_problem}
+        for name, problem in invalid_times.items():
+            logger.warning(f"{name}: {problem}: left out of the mean time")
+        metrics, non_finite = finite_for_json(
+            {
+                "pairs": len(pairs),
+                "final_stage": self.final_stage,
+                "not_registered": not_registered,
+                "invalid_times": invalid_times,
+                "overall": _aggregates(evaluations, stages),
+                "per_tissue": {
+                    tissue: _aggregates([e for e in evaluations if e.tissue == tissue], stages)
+                    for tissue in sorted({e.tissue for e in evaluations if e.scores})
+                },
+            }
+        )
+        metrics["non_finite"] = non_finite
+        if non_finite:
+            logger.warning(f"not finite, written as null: {', '.join(non_finite)}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.output_dir / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2))
+            tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False))
         self._write_pairs(evaluations, stages)
         scored = [e for e in evaluations if e.scores]
-        if scored:
-            medians = {stage: np.array([e.scores[stage].rtre_median for e in scored]) for stage in stages}
-            save_evaluation_plots(self.output_dir, medians, [e.tissue for e in scored])
+        # an infinite median has no place on an axis
+        plotted = [e for e in scored if all(math.isfinite(e.scores[stage].rtre_median) for stage in stages)]
+        if len(plotted) < len(scored):
+            logger.warning(f"{len(scored) - len(plotted)} pair(s) with a non-finite median rTRE left out of the plots")
+        if plotted:
+            medians = {stage: np.array([e.scores[stage].rtre_median for e in plotted]) for stage in stages}
+            save_evaluation_plots(self.output_dir, medians, [e.tissue for e in plotted])
         else:
-            logger.warning("no pair has landmarks in the cover table: nothing to plot")
+            logger.warning("no pair has landmarks in the cover table (or finite scores): nothing to plot")
         for stage, aggregate in metrics["overall"].items():
             logger.info(f"{stage}: {aggregate}")
         return metrics
@@ -171,7 +198,7 @@ class ResultsEvaluation:
         target_path, source_path = pair.path(TARGET_LANDMARKS), pair.path(SOURCE_LANDMARKS)
         if target_path is None or source_path is None:
             status = "not scored: no landmarks in the cover table"
-            return PairEvaluation(pair.name, tissue, {}, _minutes(row), status), None
+            return PairEvaluation(pair.name, tissue, {}, _minutes(row)[0], status), None
         target, source = read_landmarks(target_path), read_landmarks(source_path)
         diagonal = _target_diagonal(pair)
         # Pair once for all stages, so that a count mismatch is reported once per pair.
@@ -186,9 +213,11 @@ class ResultsEvaluation:
             fallback = not _cell(row, WARPED_SOURCE_LANDMARKS) and bool(_cell(row, WARPED_TARGET_LANDMARKS))
             if fallback:
                 column, count, reference, start = WARPED_TARGET_LANDMARKS, len(target), source_paired, target_paired
+                truth = (source_path, "source")
             else:
                 column, count, reference, start = WARPED_SOURCE_LANDMARKS, len(source), target_paired, source_paired
-            points, reason = self._warped(row, column, count, len(target_paired))
+                truth = (target_path, "target")
+            points, reason = self._warped(row, column, count, reference, start, *truth)
         if points is None:
             if _cell(row, STATUS) not in ("", "OK"):
                 reason += f" (status: {_cell(row, STATUS)})"
@@ -199,20 +228,34 @@ class ResultsEvaluation:
         scores, notes = {INITIAL: identity}, []
         for stage in intermediate:
             column = f"{WARPED_SOURCE_LANDMARKS} ({stage})"
-            stage_points, problem = self._warped(row, column, len(source), len(target_paired))
+            stage_points, problem = self._warped(
+                row, column, len(source), target_paired, source_paired, target_path, "target"
+            )
             if stage_points is None:
                 scores[stage] = identity
                 notes.append(f"{stage}: identity ({problem})")
             else:
                 scores[stage] = score_pair(stage_points, target_paired, source_paired, diagonal)
         scores[self.final_stage] = score_pair(points, reference, start, diagonal)
-        return PairEvaluation(pair.name, tissue, scores, _minutes(row), "; ".join(notes) or "OK"), None
+        minutes, time_problem = _minutes(row)
+        if time_problem:
+            notes.append(f"{time_problem} (left out of the mean time)")
+        status = "; ".join(notes) or "OK"
+        return PairEvaluation(pair.name, tissue, scores, minutes, status, time_problem), None
 
     def _warped(
-        self, row: dict[str, str], column: str, count: int, paired: int
+        self,
+        row: dict[str, str],
+        column: str,
+        count: int,
+        reference: np.ndarray,
+        start: np.ndarray,
+        truth_path: Path,
+        truth_name: str,
     ) -> tuple[np.ndarray | None, str | None]:
-        """The first ``paired`` of the ``(count, 2)`` warped landmarks named in ``row[column]``, or None and why
-        they are unusable (no path, a missing or unreadable file, a count other than the landmarks it warps)."""
+        """The first ``len(reference)`` of the ``(count, 2)`` warped landmarks named in ``row[column]``, or None and
+        why they are unusable (no path, a missing or unreadable file, a count other than the landmarks it warps, or a
+        copy of ``reference``, the ground truth read from ``truth_path``, where ``start`` was not already there)."""
         cell = _cell(row, column)
         if not cell:
             return None, f"no '{column}' in the results table"
@@ -224,7 +267,14 @@ class ResultsEvaluation:
             return None, str(error)
         if len(points) != count:  # a point lost or added: row pairing would match the wrong points
             return None, f"{path}: {len(points)} warped landmarks for {count} landmarks"
-        return points[:paired], None
+        points = points[: len(reference)]
+        if os.path.samefile(path, truth_path):
+            return None, f"{path}: is the cover table's {truth_name} landmark file, not a registration result"
+        if np.allclose(points, reference, rtol=0, atol=_COPY_TOLERANCE) and not np.allclose(
+            start, reference, rtol=0, atol=_COPY_TOLERANCE
+        ):
+            return None, f"{path}: the cover table's {truth_name} landmarks, not a registration result"
+        return points, None
 
     def _write_pairs(self, evaluations: list[PairEvaluation], stages: tuple[str, ...]) -> None:
         """``evaluation-pairs.csv``: per pair and stage the rTRE median, mean and max, and the robustness of the
@@ -274,13 +324,21 @@ def _paths_key(row: dict[str, str]) -> tuple[str, ...]:
     return tuple(_cell(row, column) for column in PATH_COLUMNS)
 
 
-def _minutes(row: dict[str, str] | None) -> float | None:
-    """The row's execution time in minutes, or None where it is empty or not a finite number."""
+def _minutes(row: dict[str, str] | None) -> tuple[float | None, str | None]:
+    """The row's execution time in minutes (None where the cell is empty or invalid), and what makes an invalid one
+    invalid: not a number, not finite or negative."""
+    cell = _cell(row, EXECUTION_TIME)
+    if not cell:
+        return None, None
     try:
-        minutes = float(_cell(row, EXECUTION_TIME))
+        minutes = float(cell)
     except ValueError:
-        return None
-    return minutes if math.isfinite(minutes) else None
+        return None, f"execution time {cell!r} is not a number"
+    if not math.isfinite(minutes):
+        return None, f"execution time {cell!r} is not finite"
+    if minutes < 0:
+        return None, f"execution time {cell!r} is negative"
+    return minutes, None
 
 
 def _tissue(pair: PairRow) -> str:

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["PairScores", "image_diagonal", "pair_landmarks", "relative_tre", "score_pair", "summarise"]
+__all__ = [
+    "PairScores",
+    "finite_for_json",
+    "image_diagonal",
+    "pair_landmarks",
+    "relative_tre",
+    "score_pair",
+    "summarise",
+]
 
 
 def image_diagonal(shape: Sequence[int]) -> float:
@@ -81,7 +89,15 @@ def relative_tre(moved: ArrayLike, reference: ArrayLike, target_diagonal: float)
     """
     diagonal = _check_diagonal(target_diagonal)
     moved, reference = pair_landmarks(moved, reference, names=("moved", "reference"))
-    return np.linalg.norm(moved - reference, axis=1) / diagonal
+    return _distances(moved, reference) / diagonal
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(N,)`` Euclidean distances between the rows of two ``(N, 2)`` arrays; ``hypot`` rather than the root of the
+    squares, which overflows to infinity from about 1e154 px (a diverged landmark at 1e200 px is 1e200 px away)."""
+    with np.errstate(over="ignore"):  # beyond the largest float the distance is infinite, which callers handle
+        difference = a - b
+        return np.hypot(difference[:, 0], difference[:, 1])
 
 
 @dataclass(frozen=True)
@@ -133,8 +149,8 @@ def score_pair(
         raise ValueError("no landmark pairs to score")
     # Pair once and slice, so a count mismatch is reported once rather than per distance.
     warped = warped[: len(target)]
-    initial = np.linalg.norm(source - target, axis=1) / diagonal
-    final = np.linalg.norm(warped - target, axis=1) / diagonal
+    initial = _distances(source, target) / diagonal
+    final = _distances(warped, target) / diagonal
     return PairScores(
         rtre_median=float(np.median(final)),
         rtre_mean=float(np.mean(final)),
@@ -163,3 +179,21 @@ def summarise(scores: Sequence[PairScores]) -> dict[str, float | int | None]:
         "mean_robustness": float(np.mean([s.robustness for s in scores])),
         "pairs": len(scores),
     }
+
+
+def finite_for_json(value: object, where: str = "") -> tuple[object, list[str]]:
+    """``value`` (nested dicts, lists and numbers) with every NaN or infinite float replaced by None, and where each
+    was, as dotted key paths (``overall.nonrigid.mean_max_rtre``).
+
+    JSON has no NaN or Infinity (Python writes them as invalid tokens), so figures that are not finite become null and
+    the list says which, instead of a file other tools cannot read.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [where]
+    if isinstance(value, dict):
+        items = [(key, finite_for_json(item, f"{where}.{key}" if where else str(key))) for key, item in value.items()]
+        return {key: item for key, (item, _) in items}, [path for _, (_, paths) in items for path in paths]
+    if isinstance(value, (list, tuple)):
+        items = [finite_for_json(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        return [item for item, _ in items], [path for _, paths in items for path in paths]
+    return value, []

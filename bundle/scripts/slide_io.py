@@ -209,7 +209,10 @@ def read_landmarks(path: PathLike) -> np.ndarray:
     try:
         header = [name.strip() for name in next(rows, [])]
         if "X" not in header or "Y" not in header:
-            raise RegistrationInputError(path, f"no X and Y columns in the header {header} (expected ',X,Y')")
+            # the count, not the names: a wrong file's first line (a password, a log entry) must not reach a report
+            raise RegistrationInputError(
+                path, f"no X and Y columns in the header (expected ',X,Y'; its first line has {len(header)} field(s))"
+            )
         x_column, y_column = header.index("X"), header.index("Y")
         points = array("d")  # 16 bytes a point, whatever the file's text takes
         for row in rows:
@@ -423,7 +426,8 @@ def _coordinate(path: PathLike, row: list[str], column: int, name: str, line: in
     try:
         value = float(cell)
     except ValueError:
-        raise RegistrationInputError(path, f"line {line}: {name} value {cell!r} is not a number") from None
+        shown = repr(cell) if len(cell) <= 20 else f"{cell[:20]!r}..."  # a short excerpt of what the file holds
+        raise RegistrationInputError(path, f"line {line}: {name} value {shown} is not a number") from None
     if not math.isfinite(value):
         raise RegistrationInputError(path, f"line {line}: {name} value {cell!r} is not finite")
     return value
