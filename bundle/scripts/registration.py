@@ -12,7 +12,7 @@ from monai.networks.blocks import Warp
 
 from .affine import affine_to_field
 from .nonrigid import PatchPyramidRegistration
-from .preprocess import PairGeometry, tissue_image, to_working_grid
+from .preprocess import PairGeometry, require_tissue, tissue_image, to_working_grid
 from .slide_io import Slide
 from .transform import SlideTransform
 
@@ -72,6 +72,8 @@ class SlidePairRegistration:
     def __call__(self, source: Slide, target: Slide) -> PairRegistration:
         timings: dict[str, float] = {}
         start = time.perf_counter()
+        for slide in (target, source):  # before any work: too small or no tissue is the user's to fix, named
+            require_tissue(slide.pixels, slide.path, self.working_size)
         geometry = PairGeometry.create(target.pixels.shape[:2], source.pixels.shape[:2], self.working_size)
         fixed = to_working_grid(tissue_image(target.pixels), geometry)[None].to(self.device)
         moving = to_working_grid(tissue_image(source.pixels), geometry)[None].to(self.device)
