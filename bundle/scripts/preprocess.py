@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter
 from monai.transforms import Resize, ScaleIntensityRange, SpatialPad
 from monai.utils import convert_to_tensor
+from scipy.ndimage import gaussian_filter
 
 from .errors import RegistrationInputError
 from .nonrigid import downsample
@@ -23,12 +23,12 @@ from .nonrigid import downsample
 # ITU-R BT.601 luma: the usual gray conversion; any fixed mix works since only structure is compared
 LUMA = (0.299, 0.587, 0.114)
 PERCENTILES = (1.0, 99.5)  # of the inverted luminance that become 0 and 1
-# The tissue mask (docs/design.md, "Tissue content"): computed on a copy of at most this long side, smoothed by this
+# The tissue mask (docs/design.md, "Input checks"): computed on a copy of at most this long side, smoothed by this
 # sigma in its pixels, tissue where the smoothed darkness (1 - luminance, unnormalised) reaches TISSUE_DARKNESS
 MASK_SIZE = 256
 MASK_SIGMA = 4.0
 TISSUE_DARKNESS = 0.08
-# What a slide needs to be registered (docs/design.md, "Tissue content"): a shorter side of MIN_SIDE px on its working
+# What a slide needs to be registered (docs/design.md, "Input checks"): a shorter side of MIN_SIDE px on its working
 # grid (the shipped pyramid's coarsest level is 1/4 of it, and its U-Nets reduce by 16: below 64 px that level is less
 # than one cell of their bottleneck), tissue on MIN_TISSUE_FRACTION of it, and MIN_STRUCTURE (pixel noise keeps < 0.1)
 MIN_SIDE = 64
