@@ -99,7 +99,8 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("pair")
     for name, stem in (("target", "Izd2-29-041-w35_HE"), ("source", "Izd2-29-041-w35_proSPC")):
         with Image.open(LUNG / f"{stem}.jpg") as image:
-            image.convert("RGB").resize((image.width // 6, image.height // 6), Image.LANCZOS).save(folder / f"{name}.png")
+            small = image.convert("RGB").resize((image.width // 6, image.height // 6), Image.LANCZOS)
+        small.save(folder / f"{name}.png")
     return folder / "source.png", folder / "target.png"
 
 
@@ -125,7 +126,8 @@ def _refinement_never_called(moving, fixed, field):
     "bias, matrix, problem",
     [
         (float("nan"), IDENTITY, "the nonrigid stage produced a non-finite field (NaN or inf)"),
-        (0.0, torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 0.0]]), "the affine stage produced a non-finite matrix"),
+        (0.0, IDENTITY + torch.tensor([[0.0, 0.0, float("nan")], [0.0, 0.0, 0.0]]), "the affine stage produced a "
+         "non-finite matrix"),
     ],
     ids=["nan-field", "nan-matrix"],
 )

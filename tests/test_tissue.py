@@ -93,7 +93,8 @@ def test_images_without_usable_content_are_refused_by_name(registration, tmp_pat
 
 @pytest.mark.parametrize("path", REAL + ["immunohistochemistry"], ids=lambda p: getattr(p, "name", p))
 def test_real_slides_pass_with_a_margin(path):
-    pixels = data.immunohistochemistry() / np.float32(255) if path == "immunohistochemistry" else read_slide(path).pixels
+    ihc = path == "immunohistochemistry"
+    pixels = data.immunohistochemistry() / np.float32(255) if ihc else read_slide(path).pixels
     content = require_tissue(pixels, str(path), CONFIG["working_size"])
     # well clear of the thresholds (measured: at least 38 % tissue and 0.85 structure, docs/design.md)
     assert content.fraction > 50 * MIN_TISSUE_FRACTION and content.structure > 2.5 * MIN_STRUCTURE
