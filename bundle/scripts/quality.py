@@ -40,7 +40,7 @@ SAMPLE_STEP = 4
 
 def _mutual_information(moving: torch.Tensor, fixed: torch.Tensor) -> float:
     """Mutual information (nats) of paired (N,) intensities in [0, 1]."""
-    windows = ParzenWindows.of(moving, BINS), ParzenWindows.of(fixed, BINS, slopes=False)
+    windows = ParzenWindows.of(moving, BINS, slopes=False), ParzenWindows.of(fixed, BINS, slopes=False)
     return float(mutual_information(*windows, BINS)[0])
 
 
@@ -129,7 +129,7 @@ class RegistrationQuality:
         """Figures of the (1, 1, h, w) ``moving`` source against ``fixed``, unwarped (stage ``initial``) and pulled
         through each stage's (1, 2, h, w) field (``fields``, in stage order, the last one the final result)."""
         step = SAMPLE_STEP
-        positions = identity_grid(tuple(fixed.shape[-2:]), fixed.device)[..., ::step, ::step]
+        positions = identity_grid(tuple(-(-n // step) for n in fixed.shape[-2:]), fixed.device) * step
         stages = {"initial": moving[..., ::step, ::step]}
         stages.update({stage: pull(moving, positions + field[..., ::step, ::step]) for stage, field in fields.items()})
         fixed = fixed[..., ::step, ::step]
