@@ -94,7 +94,8 @@ def test_batch_marks_an_implausible_registration_and_goes_on(tmp_path):
     parser.read_config(BUNDLE / "configs" / "inference.yaml")
     parser.update({"bundle_root": str(BUNDLE), "working_size": 256, "device": "cpu"})
     out = tmp_path / "out"
-    summary = BatchRegistration(parser.get_parsed_content("registration"), read_cover_table(tmp_path / "pairs.csv"), out).run()
+    registration = parser.get_parsed_content("registration")
+    summary = BatchRegistration(registration, read_cover_table(tmp_path / "pairs.csv"), out).run()
 
     with (out / "registration-results.csv").open(newline="") as handle:
         good, mirrored = csv.DictReader(handle)

@@ -27,7 +27,8 @@ parser.read_config("configs/inference.yaml")
 parser["working_size"] = {WORKING_SIZE}
 parser["device"] = "cpu"
 registration = parser.get_parsed_content("registration")
-result = registration(read_slide("{PAIR / 'Izd2-29-041-w35_proSPC.jpg'}"), read_slide("{PAIR / 'Izd2-29-041-w35_HE.jpg'}"))
+source, target = read_slide("{PAIR / 'Izd2-29-041-w35_proSPC.jpg'}"), read_slide("{PAIR / 'Izd2-29-041-w35_HE.jpg'}")
+result = registration(source, target)
 torch.save({{"threads": torch.get_num_threads(), "field": result.transform.field}}, sys.argv[1])
 """
 

@@ -10,7 +10,9 @@ Landmarks are rare in practice, so a user needs signs from the images themselves
 - the tissue overlap: Dice (MONAI's ``compute_dice``) of the tissue masks of the target and the warped source, each
   image's tissue being its pixels above the image's own Otsu threshold (stains differ in density, so one threshold
   does not fit both). MONAI's ``ForegroundMask`` thresholds colour slides on a bright background; these are single
-  tissue channels with a dark background, hence skimage's ``threshold_otsu`` directly.
+  tissue channels with a dark background, hence skimage's ``threshold_otsu`` directly;
+- the tissue information: the mutual information of the two images where both show tissue, above chance. The
+  global figures and the overlap mostly see the tissue's outline, which a wrong source can match.
 
 :class:`QualityLimits` holds the plausibility thresholds, chosen from the sample pairs and deliberately failed
 registrations (docs/design.md, "Quality figures").
