@@ -53,7 +53,7 @@ WORKING_SIZE = 256
 # White margin added to the source (rows, columns) before downscaling, so that the two slides differ in shape.
 SOURCE_MARGIN = (60, 90)
 OUTPUT_SCALE = 0.15  # of the networks' output layer: displacements of about a pixel, smooth enough to invert
-TIMINGS = {"loading", "preprocessing", "affine", "nonrigid", "outputs"}
+TIMINGS = {"loading", "preprocessing", "affine", "nonrigid", "quality", "outputs"}
 PANELS = {f"{kind}-{stage}.png" for kind in ("checkerboard", "overlay") for stage in STAGES}
 
 

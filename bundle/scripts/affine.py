@@ -18,7 +18,8 @@ valid at all of them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from .fields import identity_grid
 
-__all__ = ["AffineInitializer", "affine_to_field"]
+__all__ = ["AffineInitializer", "affine_to_field", "global_ncc"]
 
 # (row, col) <-> (x, y): F.affine_grid orders coordinates last axis first.
 _SWAP = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
@@ -42,13 +43,29 @@ def _resize(image: Tensor, long_side: int) -> Tensor:
     return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-def _ncc(a: Tensor, b: Tensor) -> Tensor:
+def global_ncc(a: Tensor, b: Tensor) -> Tensor:
     """Global normalised cross-correlation of ``(N, 1, h, w)`` images (``b`` may broadcast); returns ``(N,)``."""
     a = a.flatten(1)
     b = b.flatten(1)
     a = a - a.mean(1, keepdim=True)
     b = b - b.mean(1, keepdim=True)
     return (a * b).sum(1) / ((a * a).sum(1) * (b * b).sum(1)).sqrt().clamp_min(1e-12)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run PyTorch's CPU operations of the block on one thread, then restore the thread count.
+
+    A parallel reduction splits its sum by thread count, so its rounding depends on the thread count; Adam carries that
+    rounding into the affine, and the refinement amplifies any change of its input into pixels (docs/design.md,
+    "Results independent of the thread count").
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _rotations(angles: Tensor) -> Tensor:
@@ -124,7 +141,7 @@ class AffineInitializer(torch.nn.Module):
         dtype = torch.promote_types(fixed.dtype, torch.float32)
         # Refinement needs autograd even when the caller runs under no_grad or inference_mode (bundle inference),
         # and inference tensors cannot be saved for backward, hence the copies made outside inference mode.
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), _one_thread():
             moving = moving.detach().to(dtype).clone()
             fixed = fixed.detach().to(dtype).clone()
             scale = torch.tensor([height / long_side, width / long_side], dtype=dtype, device=fixed.device)
@@ -152,7 +169,7 @@ class AffineInitializer(torch.nn.Module):
             size = torch.tensor(fixed_s.shape[-2:], dtype=fixed.dtype, device=fixed.device)
             pivots = pivot + scale * 2 * offsets / size
         else:
-            scores, pivots = _ncc(warped, fixed_s), pivot.expand(len(angles), 2)
+            scores, pivots = global_ncc(warped, fixed_s), pivot.expand(len(angles), 2)
         best = int(scores.argmax())
         return rotations[best], centroid, pivots[best]
 
@@ -195,12 +212,12 @@ class AffineInitializer(torch.nn.Module):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
                 optimizer.zero_grad(set_to_none=True)
-                loss = -_ncc(_warp(moving_l, linear_p[None], shift_p, pivot, scale), fixed_l).sum()
+                loss = -global_ncc(_warp(moving_l, linear_p[None], shift_p, pivot, scale), fixed_l).sum()
                 loss.backward()
                 optimizer.step()
         # the guard compares on the finest level, where the refinement had its last say
         candidates = torch.stack([linear, linear_p.detach()]), torch.stack([shift, shift_p.detach()])
-        scores = _ncc(_warp(moving_l.expand(2, -1, -1, -1), candidates[0], candidates[1], pivot, scale), fixed_l)
+        scores = global_ncc(_warp(moving_l.expand(2, -1, -1, -1), candidates[0], candidates[1], pivot, scale), fixed_l)
         keep = int(scores[1] >= scores[0])
         return candidates[0][keep], candidates[1][keep]
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from .cover_table import SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow
 from .errors import RegistrationInputError
 from .metrics import PairScores, image_diagonal, score_pair, summarise
+from .quality import QUALITY_COLUMNS
 from .affine import affine_to_field
 from .registration import SlidePairRegistration
 from .slide_io import atomic_path, read_landmarks, read_slide, write_landmarks, write_slide
@@ -34,7 +35,7 @@ EXECUTION_TIME = "Execution time [minutes]"
 STATUS = "Status"
 RESULT_COLUMNS = (
     WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS, WARPED_SOURCE_LANDMARKS_AFFINE, WARPED_SOURCE_IMAGE,
-    DISPLACEMENT_FIELD, EXECUTION_TIME, STATUS,
+    DISPLACEMENT_FIELD, EXECUTION_TIME, STATUS, *QUALITY_COLUMNS,
 )
 STAGES = ("initial", "affine", "nonrigid")
 
@@ -67,6 +68,7 @@ class BatchRegistration:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         results: list[dict[str, str]] = []
         failures: dict[str, str] = {}
+        warnings: dict[str, str] = {}  # registered, but with implausible quality figures (scripts/quality.py)
         scores: dict[str, dict[str, PairScores]] = {}
         for pair in tqdm(self.rows, desc="registering", unit="pair"):
             start = time.perf_counter()
@@ -75,10 +77,12 @@ class BatchRegistration:
                 outputs, pair_scores = self._register(pair)
                 if pair_scores:
                     scores[pair.name] = pair_scores
-                message = f"{pair.name}: OK in {time.perf_counter() - start:.1f} s" + (
+                message = f"{pair.name}: {outputs[STATUS]} in {time.perf_counter() - start:.1f} s" + (
                     f", median rTRE {pair_scores['nonrigid'].rtre_median:.5f}" if pair_scores else ""
                 )
                 logger.info(message)
+                if outputs[STATUS] != "OK":
+                    warnings[pair.name] = outputs[STATUS]
             except Exception as error:  # a batch records the failure and goes on to the next pair
                 problem = str(error) if isinstance(error, RegistrationInputError) else f"{type(error).__name__}: {error}"
                 outputs[STATUS] = failures[pair.name] = f"failed: {problem}"
@@ -90,6 +94,7 @@ class BatchRegistration:
             results.append({**pair.row, **outputs})
             self._write_results(results)
         summary = self._summary(len(results), failures, scores)
+        summary["warnings"] = warnings
         with atomic_path(self.output_dir / "registration-summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
         for stage, aggregate in summary["stages"].items():
@@ -124,7 +129,8 @@ class BatchRegistration:
                 WARPED_SOURCE_LANDMARKS: "",
                 WARPED_TARGET_LANDMARKS: "",
                 WARPED_SOURCE_LANDMARKS_AFFINE: "",
-                STATUS: "OK",
+                STATUS: "OK" if result.quality is None else result.quality.status(),
+                **({} if result.quality is None else result.quality.table_cells()),
             }
             warped_source_landmarks = {}
             if source_landmarks is not None:
@@ -147,6 +153,7 @@ class BatchRegistration:
                 "affine_working_pixels": transform.affine.cpu().tolist(),
                 "geometry": transform.geometry.to_dict(),
                 "landmark_scores": {stage: vars(score) for stage, score in scores.items()},
+                "quality": None if result.quality is None else {**result.quality.to_dict(), "status": outputs[STATUS]},
             }
             (staging / "registration.json").write_text(json.dumps(record, indent=2))
             self._publish(staging, final)

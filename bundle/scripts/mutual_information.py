@@ -53,16 +53,18 @@ class ParzenWindows:
         return cls(base.long() - 1, weights, ((3 * c[3] * u + 2 * c[2]) * u + c[1]) * inside)
 
 
-def mutual_information(moving: ParzenWindows, fixed: ParzenWindows, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mutual_information(
+    moving: ParzenWindows, fixed: ParzenWindows, bins: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mutual information of N paired samples and its derivative with respect to each moving intensity.
 
     Args:
         moving, fixed: windows of the N samples of each image (``ParzenWindows.of(intensities, bins)``); only the
-            moving windows need their slopes.
+            moving windows need their slopes, and only for the gradient.
         bins: the bins both were made with.
     Returns:
         mi: scalar, in nats.
-        gradient: (N,) d mi / d moving intensity of each sample.
+        gradient: (N,) d mi / d moving intensity of each sample; None when the moving windows have no slopes.
     """
     width, count = bins + 2, moving.first.shape[0]
     offsets = torch.arange(4, device=moving.first.device)
@@ -77,6 +79,8 @@ def mutual_information(moving: ParzenWindows, fixed: ParzenWindows, bins: int) -
     # guard against log(0) never enters a gradient.
     pointwise = torch.log(histogram.clamp(min=1e-12)) - torch.log(marginals.clamp(min=1e-12))
     mi = (histogram * pointwise).sum()
+    if moving.slopes is None:
+        return mi, None
     per_bin = pointwise.flatten().index_select(0, index.flatten()).view(4, 4, count)
     gradient = ((per_bin * fixed.weights[None]).sum(1) * moving.slopes).sum(0) / count
     return mi, gradient

@@ -13,6 +13,7 @@ from monai.networks.blocks import Warp
 from .affine import affine_to_field
 from .nonrigid import PatchPyramidRegistration
 from .preprocess import PairGeometry, require_tissue, tissue_image, to_working_grid
+from .quality import RegistrationQuality
 from .slide_io import Slide
 from .transform import SlideTransform
 
@@ -27,12 +28,14 @@ class PairRegistration:
         stages: (1, 1, h, w) source tissue image on the working grid after each stage: "initial" (padded and resampled
             only), "affine" and "nonrigid".
         timings: seconds per stage.
+        quality: similarity per stage, folded pixels and tissue overlap (:mod:`scripts.quality`).
     """
 
     transform: SlideTransform
     fixed: torch.Tensor
     stages: dict[str, torch.Tensor]
     timings: dict[str, float] = field(default_factory=dict)
+    quality: RegistrationQuality | None = None
 
 
 class SlidePairRegistration:
@@ -90,6 +93,7 @@ class SlidePairRegistration:
         total = self.nonrigid(moving, fixed, initial)
         _require_finite("nonrigid", field=total)  # before the refinement, whose grid_sample crashes on NaN
         timings["nonrigid"] = self._lap(start)
+        networks = total
 
         if self.refinement is not None:
             start = time.perf_counter()
@@ -102,7 +106,12 @@ class SlidePairRegistration:
             "affine": self.warp(moving, initial),
             "nonrigid": self.warp(moving, total),
         }
-        return PairRegistration(SlideTransform(geometry, matrix, total), fixed, stages, timings)
+        start = time.perf_counter()
+        # the networks' own result as well, when the refinement follows them
+        networks_stage = {"networks": networks} if self.refinement is not None else {}
+        quality = RegistrationQuality.measure(moving, fixed, {"affine": initial, **networks_stage, "nonrigid": total})
+        timings["quality"] = self._lap(start)
+        return PairRegistration(SlideTransform(geometry, matrix, total), fixed, stages, timings, quality)
 
     def _lap(self, start: float) -> float:
         # CUDA runs asynchronously: wait for the queued kernels so the stage gets its own time
