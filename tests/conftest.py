@@ -33,8 +33,6 @@ def small_pair(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def short_training(small_pair) -> list[str]:
-    """`run training` options for a few iterations on the small pair at a 256 px working size (seconds)."""
+    """`run training` options for a short run on the small pair: 128 px crops of a 256 px working grid."""
     pairs = str(small_pair / "pairs.csv")
-    return [
-        "--pairs_csv", pairs, "--val_pairs_csv", pairs, "--crop_size", "128", "--working_size", "256",
-    ]  # fmt: skip
+    return ["--pairs_csv", pairs, "--val_pairs_csv", pairs, "--crop_size", "128", "--working_size", "256"]
