@@ -1,4 +1,10 @@
-"""What `run training` needs beyond MONAI/Ignite: the training pairs, the unsupervised loss, the iteration steps."""
+"""What `run training` needs beyond MONAI/Ignite: the training pairs, the unsupervised loss, the iteration steps.
+
+The bending energy is MONAI's ``BendingEnergyLoss(normalize=True)`` restated for 2-D fields (`BendingEnergy2d`):
+MONAI 1.6.1 indexes the field with lists of slices (``monai.losses.deform.spatial_gradient_squared``), which PyTorch
+deprecates, warning once per indexing line (five times per training) and announcing that such an index will be read
+as a tensor index, i.e. a wrong result or an error. Return to MONAI's class once it indexes with tuples.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from ignite.engine import Engine, Events
-from monai.losses import BendingEnergyLoss
 from monai.networks.blocks import Warp
 from skimage.data import immunohistochemistry
 from torch.utils.tensorboard import SummaryWriter
@@ -60,6 +65,29 @@ def training_pairs(
     return items
 
 
+class BendingEnergy2d(torch.nn.Module):
+    """MONAI's ``BendingEnergyLoss(normalize=True)`` (mean reduction) of a 2-D field, indexed with tuples.
+
+    The same central differences (``[1, -2, 1]`` along an axis, the 4-point stencil mixed), the same normalisation
+    (component ``c``'s derivative along axes ``i, j`` times ``size_i * size_j / size_c``, so the energy does not depend
+    on the field's size), in the same order: value and gradient equal MONAI's bit for bit (tests/test_training_loss.py).
+    """
+
+    def forward(self, field: torch.Tensor) -> torch.Tensor:
+        """Args: field: (B, 2, H, W), H, W > 2, in pixels (channel 0 = rows). Returns: the scalar energy."""
+        if field.ndim != 4 or field.shape[1] != 2 or min(field.shape[2:]) <= 2:
+            raise ValueError(f"expected a (B, 2, H, W) field with H, W > 2, got shape {tuple(field.shape)}")
+        rows, cols = field.shape[2:]
+        size = field.new_tensor([rows, cols]).reshape(1, 2, 1, 1)
+        along_rows = field[:, :, 2:, 1:-1] - 2 * field[:, :, 1:-1, 1:-1] + field[:, :, :-2, 1:-1]
+        energy = (along_rows * (rows**2 / size)) ** 2
+        mixed = (field[:, :, 2:, 2:] - field[:, :, 2:, :-2] - field[:, :, :-2, 2:] + field[:, :, :-2, :-2]) / 4.0
+        energy = energy + 2 * (mixed * (rows * cols / size)) ** 2
+        along_cols = field[:, :, 1:-1, 2:] - 2 * field[:, :, 1:-1, 1:-1] + field[:, :, 1:-1, :-2]
+        energy = energy + (along_cols * (cols**2 / size)) ** 2
+        return energy.mean()
+
+
 class PyramidLoss(torch.nn.Module):
     """Unsupervised loss summed over levels: ``similarity(warped moving, fixed) + alpha * bending energy(field)``.
 
@@ -67,13 +95,14 @@ class PyramidLoss(torch.nn.Module):
         similarity: a MONAI image dissimilarity (lower is better) of (1, 1, h, w) images:
             ``LocalNormalizedCrossCorrelationLoss`` in the default config; ``GlobalMutualInformationLoss`` trained no
             better networks in the same budget (docs/design.md).
-        alpha: weight of the bending energy (MONAI's, ``normalize=True`` so it does not depend on the level's size).
+        alpha: weight of the bending energy (MONAI's normalised one, `BendingEnergy2d`: it does not depend on the
+            level's size).
     """
 
     def __init__(self, similarity: torch.nn.Module, alpha: float = 1.0) -> None:
         super().__init__()
         self.similarity = similarity
-        self.smoothness = BendingEnergyLoss(normalize=True)
+        self.smoothness = BendingEnergy2d()
         self.alpha = alpha
         self.warp = Warp(mode="bilinear", padding_mode="zeros")  # zeros = background outside the tissue image
 
@@ -83,25 +112,46 @@ class PyramidLoss(torch.nn.Module):
         return {"loss": similarity + self.alpha * smoothness, "similarity": similarity, "smoothness": smoothness}
 
 
+class PyramidLevels(torch.nn.Module):
+    """The training forward pass of a `PatchPyramidRegistration`: every level's result, levels detached.
+
+    Levels are detached from each other: each level's network learns from the field the coarser levels give it, as
+    in the paper's level-by-level training, while all levels train in the same iteration. A module of its own, with
+    this pass as its ``forward``, because ``DistributedDataParallel`` averages the gradients of what runs through the
+    forward of the module it wraps (multi_gpu_train.yaml wraps this one); its state is the registration's.
+
+    Args:
+        model: the registration whose networks are trained (and saved).
+    """
+
+    def __init__(self, model: PatchPyramidRegistration) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> list[LevelOutput]:
+        """Args: moving, fixed: (1, 1, H, W). Returns: one `LevelOutput` per level, coarsest first."""
+        return list(self.model.levels(moving, fixed, detach_between_levels=True))
+
+
 class PyramidTrainingStep:
     """Ignite iteration of `SupervisedTrainer`: one pair (batch size 1) through all levels, one optimiser step.
 
-    Levels are detached from each other: each level's network learns from the field the coarser levels give it, as
-    in the paper's level-by-level training, while all levels train in the same iteration.
+    The trainer's network is a `PyramidLevels` (or the ``DistributedDataParallel`` wrapping it), called as a module so
+    that a distributed run averages the gradients across processes before the step.
     """
 
     def __init__(self, loss: PyramidLoss) -> None:
         self.loss = loss
 
     def __call__(self, engine: Engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        model: PatchPyramidRegistration = engine.network
+        model: PyramidLevels | torch.nn.parallel.DistributedDataParallel = engine.network
         moving = batch["moving"].to(engine.state.device)
         fixed = batch["fixed"].to(engine.state.device)
         if moving.shape[0] != 1:
             raise ValueError("the patch pyramid trains on one pair per iteration: set batch_size to 1")
         model.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        levels = list(model.levels(moving, fixed, detach_between_levels=True))
+        levels = model(moving, fixed)
         terms = self.loss(levels)
         terms["loss"].backward()
         engine.optimizer.step()
