@@ -39,7 +39,8 @@ class PatchPyramidRegistration(LevelNetworks):
     patches read from the original moving image through the total field (one interpolation, whatever the number of
     iterations), groups of ``group_size`` patches go through the level's network (:class:`LevelNetworks`: input
     warped moving and fixed patch, 2 channels; output displacement (2, P, P) in pixels), the patch fields are blended
-    back keeping their centres, and the result is composed onto the total field.
+    back keeping their centres, and the result is composed onto the total field. The forward is this pyramid over
+    whole images; what a level's network predicts for a batch of patches stays :meth:`LevelNetworks.displacement`.
 
     Memory: the images and two image-sized fields (the total so far, and the blended increment that becomes the new
     total in place), plus a group of patches; the composition runs in bands of about ``group_size * P^2`` pixels. No
@@ -66,9 +67,9 @@ class PatchPyramidRegistration(LevelNetworks):
         antisymmetric: bool = True,
         control_spacing: int = 1,
     ) -> None:
-        if control_spacing < 1 or patch_size % control_spacing:
-            raise ValueError(f"control_spacing must be >= 1 and divide patch_size {patch_size}, got {control_spacing}")
         super().__init__(networks, antisymmetric, control_spacing)
+        if patch_size % control_spacing:
+            raise ValueError(f"control_spacing must divide patch_size {patch_size}, got {control_spacing}")
         self.patch_size = patch_size
         self.stride = stride
         self.group_size = group_size
