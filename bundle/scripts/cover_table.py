@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RegistrationInputError
+from .usage import UsageError
 
 TARGET_IMAGE = "Target image"
 SOURCE_IMAGE = "Source image"
@@ -110,10 +111,12 @@ def select_pairs(
     """The pairs a run registers: ``--source/--target`` if given, else ``--pairs_csv``, else the embedded sample."""
     if source or target:
         if not (source and target):
-            raise ValueError("--source and --target go together: give both images of the pair")
+            missing = "--target" if source else "--source"
+            raise UsageError(missing, "missing: --source and --target go together, give both images of the pair")
         if pairs_csv:
-            raise ValueError("give either --pairs_csv or --source/--target, not both")
+            raise UsageError("--pairs_csv", "give either --pairs_csv or --source/--target, not both")
         return single_pair_table(source, target, source_landmarks, target_landmarks)
     if source_landmarks or target_landmarks:
-        raise ValueError("--source_landmarks/--target_landmarks need --source/--target; a cover table names its own")
+        given = "--source_landmarks" if source_landmarks else "--target_landmarks"
+        raise UsageError(given, "landmark options need --source/--target; a cover table names its own landmarks")
     return read_cover_table(pairs_csv or sample_pairs_csv)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .fields import compose_fields, pull, resize_field
+from .networks import LevelNetworks
 from .patches import PatchGrid
 
 
@@ -30,15 +31,16 @@ def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(image, size=shape, mode="area")
 
 
-class PatchPyramidRegistration(torch.nn.Module):
+class PatchPyramidRegistration(LevelNetworks):
     """Multi-level, multi-iteration, patch-based nonrigid registration with one network per level.
 
     Level ``l`` of ``N`` works at ``1 / 2^(N-1-l)`` of the working resolution. At each level the field so far is
     upsampled; then ``iterations`` times: both images are cut into ``patch_size`` patches at ``stride``, the moving
     patches read from the original moving image through the total field (one interpolation, whatever the number of
-    iterations), groups of ``group_size`` patches go through the level's network (input: warped moving and fixed
-    patch, 2 channels; output: displacement (2, P, P) in pixels), the patch fields are blended back keeping their
-    centres, and the result is composed onto the total field.
+    iterations), groups of ``group_size`` patches go through the level's network (:class:`LevelNetworks`: input
+    warped moving and fixed patch, 2 channels; output displacement (2, P, P) in pixels), the patch fields are blended
+    back keeping their centres, and the result is composed onto the total field. The forward is this pyramid over
+    whole images; what a level's network predicts for a batch of patches stays :meth:`LevelNetworks.displacement`.
 
     Memory: the images and two image-sized fields (the total so far, and the blended increment that becomes the new
     total in place), plus a group of patches; the composition runs in bands of about ``group_size * P^2`` pixels. No
@@ -51,14 +53,8 @@ class PatchPyramidRegistration(torch.nn.Module):
         group_size: G, patches per network batch; sets the working memory beyond the images and fields.
         iterations: M, inner iterations per level: one number for every level, or one per level (coarsest first); a
             level with 0 passes the field on, resized, without running its network.
-        antisymmetric: predict ``(N(moving, fixed) - N(fixed, moving)) / 2`` instead of ``N(moving, fixed)``. Swapping
-            the inputs inverts a small displacement, so this keeps the prediction but cancels any response the network
-            gives regardless of content: identical patches (and empty glass) get exactly zero displacement. Costs a
-            second pass over each group.
-        control_spacing: if > 1, each patch field is the network's output averaged over cells of this many pixels
-            and interpolated bilinearly between the cell centres: a control grid, smooth by construction, like a
-            B-spline's. A per-pixel output lets the network fit the cross-stain similarity with roughness that the
-            bending energy then fights (docs/design.md, "Sixth round"). Divides ``patch_size``.
+        antisymmetric, control_spacing: what the networks predict for a patch, as in :class:`LevelNetworks`
+            (``control_spacing`` divides ``patch_size``).
     """
 
     def __init__(
@@ -71,8 +67,9 @@ class PatchPyramidRegistration(torch.nn.Module):
         antisymmetric: bool = True,
         control_spacing: int = 1,
     ) -> None:
-        super().__init__()
-        self.networks = torch.nn.ModuleList(networks)
+        super().__init__(networks, antisymmetric, control_spacing)
+        if patch_size % control_spacing:
+            raise ValueError(f"control_spacing must divide patch_size {patch_size}, got {control_spacing}")
         self.patch_size = patch_size
         self.stride = stride
         self.group_size = group_size
@@ -82,10 +79,6 @@ class PatchPyramidRegistration(torch.nn.Module):
                 f"iterations must be a count >= 0 or one per level ({len(self.networks)} levels), got {iterations!r}"
             )
         self.iterations = tuple(counts)
-        self.antisymmetric = antisymmetric
-        if control_spacing < 1 or patch_size % control_spacing:
-            raise ValueError(f"control_spacing must be >= 1 and divide patch_size {patch_size}, got {control_spacing}")
-        self.control_spacing = control_spacing
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, initial_field: torch.Tensor | None = None) -> torch.Tensor:
         """Args: moving, fixed: (1, 1, H, W); initial_field: (1, 2, H, W) pull field in pixels (e.g. the affine).
@@ -112,7 +105,7 @@ class PatchPyramidRegistration(torch.nn.Module):
         """
         count = len(self.networks)
         field = initial_field
-        for level, network in enumerate(self.networks):
+        for level in range(count):
             factor = 2 ** (count - 1 - level)
             moving_l, fixed_l = downsample(moving, factor), downsample(fixed, factor)
             shape = tuple(fixed_l.shape[-2:])
@@ -120,18 +113,19 @@ class PatchPyramidRegistration(torch.nn.Module):
             if detach_between_levels:
                 field = field.detach()
             for _ in range(self.iterations[level]):
-                field = self.step(network, moving_l, fixed_l, field)
+                field = self.step(level, moving_l, fixed_l, field)
             yield LevelOutput(level, moving_l, fixed_l, field)
 
-    def step(self, network: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
-        """One inner iteration: (1, 1, h, w) images and (1, 2, h, w) total field -> the new total field, in pixels."""
+    def step(self, level: int, moving: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+        """One inner iteration of ``level``'s network: (1, 1, h, w) images and (1, 2, h, w) total field -> the new
+        total field, in pixels."""
         grid = PatchGrid(tuple(fixed.shape[-2:]), self.patch_size, self.stride)
         increment = field.new_zeros(field.shape)  # window-weighted sum of the patch increments
         for origins in grid.groups(self.group_size):
             positions = grid.positions(origins, field)
             # the moving patch warped by the total field; zero (background) where the patch leaves the image
             warped = pull(moving, positions + grid.extract(field, origins)) * grid.inside(positions)
-            displacement = self.displacement(network, torch.cat([warped, grid.extract(fixed, origins)], dim=1))
+            displacement = self.displacement(torch.cat([warped, grid.extract(fixed, origins)], dim=1), level)
             grid.accumulate(increment, displacement, origins)
         # blend (divide by the window sum) and compose band by band, in place: composing reads the increment only
         # where it writes, so the increment's buffer becomes the new total field
@@ -141,15 +135,3 @@ class PatchPyramidRegistration(torch.nn.Module):
             blended = increment[..., rows, :] / grid.weight_sum(rows, field)
             increment[..., rows, :] = compose_fields(field, blended, first_row=start)
         return increment
-
-    def displacement(self, network: torch.nn.Module, patches: torch.Tensor) -> torch.Tensor:
-        """(n, 2, P, P) (moving, fixed) patches -> (n, 2, P, P) displacements in pixels."""
-        if self.antisymmetric:
-            both = network(torch.cat([patches, patches.flip(1)], dim=0))
-            output = 0.5 * (both[: len(patches)] - both[len(patches) :])
-        else:
-            output = network(patches)
-        if self.control_spacing == 1:
-            return output
-        cells = F.avg_pool2d(output, self.control_spacing)
-        return F.interpolate(cells, size=output.shape[-2:], mode="bilinear", align_corners=False)
