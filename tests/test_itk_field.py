@@ -139,7 +139,7 @@ def test_itk_displacement_field_transform_maps_points_like_slide_transform(pair,
     points = np.concatenate([points, corners])
     mapped = np.array([itk_transform.TransformPoint(point.tolist()) for point in points])
     expected = transform.target_to_source(points)
-    assert np.abs(mapped - expected).max() < 1e-4  # source pixels; measured 5e-5 (float32 field and positions)
+    assert np.abs(mapped - expected).max() < 5e-4  # source pixels: float32 field and positions (docs/design.md)
 
     # not a near-identity that anything would match: the affine moves points by tens of pixels and the nonrigid part
     # by several more
@@ -191,8 +191,8 @@ def test_itk_warps_the_source_like_warp_source(pair, tmp_path):
         result = np.stack([itk.array_from_image(image) for image in channels], -1)
         assert result.shape == expected.shape, name
         difference = np.abs(result - expected)[inside]
-        # The same bilinear reads at positions that agree to < 1e-4 px (the test above): a [0, 1] image changes by at
-        # most 1 per pixel, so by < 1e-4 here (measured: mean 2.5e-7, max 8.4e-6), far below an 8-bit grey level
+        # The same bilinear reads at positions that agree to float32 rounding (~1e-4 px, see docs/design.md): a [0, 1]
+        # image changes by at most 1 per pixel, so its values by about as much, far below an 8-bit grey level (4e-3)
         assert difference.mean() < 1e-5 and difference.max() < 1e-4, (name, difference.mean(), difference.max())
         np.testing.assert_array_equal(result[outside], 1.0)  # white glass in both
         np.testing.assert_array_equal(expected[outside], 1.0)
