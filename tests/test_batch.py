@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import itk
 import nibabel as nib
 import numpy as np
 import pytest
@@ -198,17 +199,18 @@ def test_batch_records_every_row_and_goes_on_after_failures(inputs, batch):
     assert good["Status"] == "OK"
     assert good["Warped source image"] == f"{batch.name}/warped-source.png"
     assert good["Displacement field"] == f"{batch.name}/displacement-field.nii"
+    assert good["ITK displacement field"] == f"{batch.name}/displacement-field-itk.mha"
     assert good["Warped source landmarks"] == f"{batch.name}/warped-source-landmarks.csv"
     assert good["Warped target landmarks"] == f"{batch.name}/warped-target-landmarks.csv"
     assert good["Warped source landmarks (affine)"] == f"{batch.name}/warped-source-landmarks-affine.csv"
-    for column in RESULT_COLUMNS[:5]:
+    for column in RESULT_COLUMNS[:6]:
         assert (batch.out / good[column]).is_file(), column
     assert 0 < float(good["Execution time [minutes]"]) < 10
 
     for index, (path, problem) in inputs.failures.items():
         status = rows[index]["Status"]
         assert status.startswith(f"failed: {path}: {problem}"), status
-        assert [rows[index][column] for column in RESULT_COLUMNS[:5]] == ["", "", "", "", ""]  # no output paths
+        assert [rows[index][column] for column in RESULT_COLUMNS[:6]] == [""] * 6  # no output paths
         assert float(rows[index]["Execution time [minutes]"]) >= 0
 
     # only the good pair got a folder; no hidden staging or retired folder, no temporary file is left
@@ -250,7 +252,7 @@ def test_displacement_field_and_sidecar(inputs, batch):
     sidecar = json.loads((batch.pair / "displacement-field.json").read_text())
     geometry = sidecar["geometry"]
     height, width = geometry["working_shape"]
-    assert field.shape == (height, width, 1, 2) and field.dtype == np.float32
+    assert field.shape == (height, width, 1, 1, 2) and field.dtype == np.float32
     assert np.isfinite(field).all() and np.abs(field).max() > 0
     np.testing.assert_array_equal(image.affine, np.eye(4))
     assert max(height, width) == WORKING_SIZE  # the slides are larger than the working size: they were downsampled
@@ -276,7 +278,7 @@ def test_warped_landmark_files(inputs, batch):
     geometry = PairGeometry(**{key: tuple(value) for key, value in sidecar["geometry"].items()})
     field = torch.from_numpy(np.asarray(nib.load(batch.pair / "displacement-field.nii").dataobj))
     transform = SlideTransform(
-        geometry, torch.tensor(sidecar["affine_working_pixels"]), field[:, :, 0].permute(2, 0, 1)[None].contiguous()
+        geometry, torch.tensor(sidecar["affine_working_pixels"]), field[:, :, 0, 0].permute(2, 0, 1)[None].contiguous()
     )
     residual = transform.field - affine_to_field(transform.affine, tuple(field.shape[:2]))
     assert residual.abs().max() > 0.3  # a nonrigid part worth checking, in working pixels
@@ -298,11 +300,20 @@ def test_warped_landmark_files(inputs, batch):
     assert scores["affine"]["rtre_median"] < scores["initial"]["rtre_median"]  # the affine stage aligns the pair
 
 
+def test_itk_field_maps_target_landmarks_as_the_written_file(inputs, batch):
+    """ITK applies the ITK field as the pipeline mapped the target landmarks (the file has 3 decimals)."""
+    transform = itk.DisplacementFieldTransform[itk.F, 2].New()
+    transform.SetDisplacementField(itk.imread(str(batch.pair / "displacement-field-itk.mha")))
+    mapped = np.array([transform.TransformPoint(point.tolist()) for point in inputs.target_landmarks])
+    np.testing.assert_allclose(mapped, read_landmarks(batch.pair / "warped-target-landmarks.csv"), atol=2e-3)
+
+
 def test_stage_panels_and_registration_record(inputs, batch):
     assert {p.name for p in batch.pair.iterdir()} == {
         "warped-source.png",
         "displacement-field.nii",
         "displacement-field.json",
+        "displacement-field-itk.mha",
         "warped-source-landmarks.csv",
         "warped-source-landmarks-affine.csv",
         "warped-target-landmarks.csv",

@@ -91,6 +91,7 @@ def test_inference_on_a_cover_table(trained, small_pair, tmp_path):
     warped_landmarks = read_landmarks(tmp_path / row["Warped source landmarks"])
     assert warped_landmarks.shape == read_landmarks(small_pair / "source.csv").shape
     assert (tmp_path / row["Displacement field"]).is_file()
+    assert (tmp_path / row["ITK displacement field"]).is_file()
     assert (tmp_path / "registration-summary.json").is_file()
 
 

@@ -223,9 +223,9 @@ def test_save_field_nifti_and_sidecar(tmp_path, name):
     image = nib.load(str(path))
     array = np.asarray(image.dataobj)
     height, width = transform.geometry.working_shape
-    assert array.shape == (height, width, 1, 2)
+    assert array.shape == (height, width, 1, 1, 2)  # components on the 5th axis
     expected = transform.field[0].permute(1, 2, 0).numpy()
-    np.testing.assert_array_equal(array[:, :, 0, :], expected)
+    np.testing.assert_array_equal(array[:, :, 0, 0], expected)
     np.testing.assert_array_equal(image.affine, np.eye(4))
     assert image.header.get_intent()[0] == "vector"
 

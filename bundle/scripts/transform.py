@@ -1,4 +1,20 @@
-"""The registration result as a transform between the two original slides: map points, warp pixels, save."""
+"""The registration result as a transform between the two original slides: map points, warp pixels, save.
+
+The total field is saved twice. ``displacement-field.nii`` is the pipeline's own field (working grid, working pixels,
+MONAI's index-space layout; ``FIELD_CONVENTION``): what the bundle re-reads. The ITK field (``.mha``,
+``ITK_FIELD_CONVENTION``) is the same mapping as ITK, SimpleITK and TIAToolbox-style tools apply it: physical
+displacements on a grid in the target's original pixel frame. That grid is the working grid placed in the target frame
+(nodes at the working pixel centres' target positions, spacing ``common_shape / working_shape`` target pixels), not
+the target's own pixel grid: the pipeline's field is bilinear between working pixel centres with the edge value held
+up to half a pixel beyond, and ITK's linear interpolation does exactly the same between the nodes, so the file is the
+pipeline's mapping at every target position (not only at pixel centres), for a sample image or a whole slide alike,
+at the working grid's size rather than the slide's. MetaImage rather than NIfTI: NIfTI is RAS and ITK flips its axes
+and (for displacement intents) vector components to LPS, whereas a MetaImage's origin, spacing and direction are read
+as written. Units are target pixels (spacing 1 per target pixel); with the slides' microns per pixel
+(``SlideImage.mpp``) known, positions would be scaled by the target's mpp (origin, spacing) and the stored vector
+at a node p would become ``(p + d(p)) * source_mpp - p * target_mpp``, which is still exact under the same
+interpolation.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +33,24 @@ from .slide_io import atomic_path
 
 FIELD_CONVENTION = (
     "Pull (backward) displacement on the working grid of the target: a working pixel x (row, column) of the target "
-    "corresponds to working position x + u(x) in the source, i.e. warped_source(x) = source(x + u(x)). Array shape "
-    "(rows, columns, 1, 2) as (i, j, k, component); component 0 = rows, 1 = columns; units = working pixels; NIfTI "
-    "affine = identity (voxel index = working pixel). Original pixel p (row, column) of an image relates to working "
-    "pixel w by w = (p + offset + 0.5) * scale - 0.5 with the image's offset (target_offset / source_offset) and "
-    "scale = working_shape / common_shape from the geometry."
+    "corresponds to working position x + u(x) in the source, i.e. warped_source(x) = source(x + u(x)). NIfTI vector "
+    "image (intent 'vector', code 1007): array shape (rows, columns, 1, 1, 2) = NIfTI (i, j, k, t, component), "
+    "i = rows, j = columns; component 0 = rows, 1 = columns, in working pixels (MONAI's layout: channel k moves "
+    "along axis k); NIfTI affine = identity (voxel index = working pixel). The components are index-space "
+    "displacements, not RAS vectors: ITK reads them unchanged, with ITK index 0 = i = row and an LPS direction "
+    "diag(-1, -1); use the ITK field for physical-space tools. Original pixel p (row, column) of an image relates to "
+    "working pixel w by w = (p + offset + 0.5) * scale - 0.5 with the image's offset (target_offset / source_offset) "
+    "and scale = working_shape / common_shape from the geometry."
+)
+ITK_FIELD_CONVENTION = (
+    "ITK displacement field (MetaImage, 2-vectors of float32), target -> source: the target point (x, y) = "
+    "(column, row) in target pixels maps to the source point (x, y) + d(x, y) in source pixels, as "
+    "itk.DisplacementFieldTransform / SimpleITK apply it to a target image and a source image both read with origin 0, "
+    "spacing 1 and identity direction (ITK takes a JPEG's or TIFF's DPI as spacing: reset it to 1); resampling the "
+    "source onto the target's grid with it gives the warped source. "
+    "Grid: the working grid placed in the target frame, identity direction, spacing = common_shape / working_shape "
+    "target pixels (x, y), origin = target position of working pixel (0, 0); linear interpolation between the nodes "
+    "is exact. Units: target / source pixels."
 )
 
 
@@ -96,8 +125,8 @@ class SlideTransform:
         return warped.clamp(0, 1).cpu().numpy()
 
     def save_field(self, path: str | Path) -> None:
-        """Write the total field as NIfTI (see ``FIELD_CONVENTION``) and the geometry beside it as JSON."""
-        data = self.field[0].permute(1, 2, 0).unsqueeze(2).cpu().numpy().astype(np.float32)  # (h, w, 1, 2)
+        """Write the total field as a NIfTI vector image (see ``FIELD_CONVENTION``) and the geometry beside it as JSON."""
+        data = self.field[0].permute(1, 2, 0)[:, :, None, None].cpu().numpy().astype(np.float32)  # (h, w, 1, 1, 2)
         image = nib.Nifti1Image(data, affine=np.eye(4))
         image.header.set_intent("vector", name="pull displacement")
         path = Path(path)
@@ -106,8 +135,59 @@ class SlideTransform:
         sidecar = path.with_name(path.name.replace(".nii.gz", "").replace(".nii", "") + ".json")
         description = {
             "convention": FIELD_CONVENTION,
+            "itk_field_convention": ITK_FIELD_CONVENTION,
             "geometry": self.geometry.to_dict(),
             "affine_working_pixels": self.affine.cpu().tolist(),
         }
         with atomic_path(sidecar) as tmp:
             tmp.write_text(json.dumps(description, indent=2))
+
+    def physical_field(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The total field as an ITK displacement field in the target's original pixel frame (``ITK_FIELD_CONVENTION``).
+
+        A target position p (row, column) with working position w maps to the source position
+        ``(w + u(w) + 0.5) / scale - 0.5 - source_offset = p + u(w) / scale + target_offset - source_offset``, so the
+        displacement at the working pixel centres, placed at their target positions, is ``u / scale`` plus the offsets'
+        difference.
+
+        Returns:
+            (h, w, 2) float64 displacement (x, y) = (column, row) in pixels on the working grid's nodes, and the grid's
+            (2,) origin and (2,) spacing (x, y) in target pixels.
+        """
+        scale = self.geometry.scale
+        target_offset = np.asarray(self.geometry.target_offset, dtype=np.float64)
+        source_offset = np.asarray(self.geometry.source_offset, dtype=np.float64)
+        field = self.field[0].permute(1, 2, 0).double().cpu().numpy()  # (h, w, 2) (row, column) working pixels
+        displacement = field / scale + (target_offset - source_offset)
+        origin = self.geometry.from_working(np.zeros((1, 2)), "target")[0]
+        return displacement[..., ::-1].copy(), origin[::-1].copy(), (1.0 / scale)[::-1].copy()
+
+    def save_itk_field(self, path: str | Path) -> None:
+        """Write :meth:`physical_field` as an uncompressed MetaImage (``.mha``) of float32 2-vectors.
+
+        ``itk.imread`` returns it as ``itk.Image[itk.Vector[itk.F, 2], 2]``, which ``itk.DisplacementFieldTransform[
+        itk.F, 2]`` and ``itk.WarpImageFilter`` take as it is (SimpleITK's transform wants it cast to
+        ``sitkVectorFloat64``). Written here rather than through ``itk.imwrite``: the format is a short text header
+        before the raw array, and ITK's Python modules take seconds to load in every process that writes one.
+        """
+        displacement, origin, spacing = self.physical_field()
+        data = np.ascontiguousarray(displacement, dtype="<f4")  # x (columns) varies fastest, then y (rows)
+        header = {
+            "ObjectType": "Image",
+            "NDims": "2",
+            "BinaryData": "True",
+            "BinaryDataByteOrderMSB": "False",
+            "CompressedData": "False",
+            "TransformMatrix": "1 0 0 1",
+            "Offset": " ".join(repr(float(value)) for value in origin),
+            "CenterOfRotation": "0 0",
+            "ElementSpacing": " ".join(repr(float(value)) for value in spacing),
+            "Convention": ITK_FIELD_CONVENTION,  # an extra key: ITK reads it into the image's metadata
+            "DimSize": f"{data.shape[1]} {data.shape[0]}",
+            "ElementNumberOfChannels": "2",
+            "ElementType": "MET_FLOAT",
+            "ElementDataFile": "LOCAL",  # must be the last key: the data follow it
+        }
+        with atomic_path(path) as tmp, tmp.open("wb") as handle:
+            handle.write("".join(f"{key} = {value}\n" for key, value in header.items()).encode("ascii"))
+            handle.write(data.tobytes())
