@@ -162,9 +162,12 @@ class BatchRegistration:
         shard = Shard.from_environment(getattr(self.registration, "device", "cpu"))
         try:
             with self._output_folder_locked(shard):
-                return self._run(shard)
-        finally:
-            shard.close()
+                summary = self._run(shard)
+        except BaseException:
+            shard.close(wait=False)  # the other ranks may never get here; `torchrun` stops them
+            raise
+        shard.close()
+        return summary
 
     def _run(self, shard: Shard) -> dict:
         # rank 0 reads the folder before any rank writes into it, so that every rank sees the same names
@@ -196,7 +199,8 @@ class BatchRegistration:
             with atomic_path(self.output_dir / SUMMARY) as tmp:
                 tmp.write_text(json.dumps(summary, indent=2))
             for stage, aggregate in summary["stages"].items():
-                logger.info(f"{stage}: {aggregate}")
+                if aggregate["pairs"]:
+                    logger.info(f"{stage}: {aggregate}")
         failed = sum(row[STATUS].startswith("failed") for row in rows.values())
         skipped = sum(shard.all_gather(skipped))
         self.exit_code = ExitCode.PAIR_FAILED if failed else ExitCode.OK

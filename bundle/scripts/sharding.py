@@ -76,8 +76,10 @@ class Shard:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def close(self) -> None:
-        """Wait for every rank, then tear down the process group if this shard created it."""
+    def close(self, wait: bool = True) -> None:
+        """Tear down the process group if this shard created it, after every rank got here if ``wait`` (so that no
+        rank exits, and has `torchrun` stop the others, while rank 0 still writes)."""
         if self.owns_group and dist.is_initialized():
-            dist.barrier()
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
