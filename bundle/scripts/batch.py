@@ -163,7 +163,9 @@ class BatchRegistration:
         try:
             with self._output_folder_locked(shard):
                 summary = self._run(shard)
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, Terminated):
+                logger.error(f"stopped by SIGTERM: the pair being registered left nothing; {RESULTS_TABLE} lists the rest")
             shard.close(wait=False)  # the other ranks may never get here; `torchrun` stops them
             raise
         shard.close()
