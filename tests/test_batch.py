@@ -39,7 +39,15 @@ from scripts import (
 from scripts.affine import affine_to_field
 from scripts.batch import RESULT_COLUMNS, STAGES, ExitCode
 from scripts.output_lock import LOCK_FILE, OutputFolderLock, OutputFolderLocked
-from scripts.cover_table import PATH_COLUMNS, SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_IMAGE, TARGET_LANDMARKS
+from scripts.cover_table import (
+    MAX_FOLDER_NAME_BYTES,
+    PATH_COLUMNS,
+    SOURCE_IMAGE,
+    SOURCE_LANDMARKS,
+    TARGET_IMAGE,
+    TARGET_LANDMARKS,
+    folder_name,
+)
 from scripts.errors import RegistrationInputError
 from scripts.preprocess import PairGeometry
 from scripts.slide_io import read_landmarks, read_slide, write_landmarks
@@ -541,6 +549,16 @@ def test_single_pair_table_keeps_the_given_strings(tmp_path, monkeypatch):
     assert pair.name == "0_src_to_tgt"
 
 
+def test_folder_names_fit_the_file_system_and_stay_distinct():
+    assert folder_name(3, "he", "cd31") == "3_he_to_cd31"  # short names as they were
+    long = "é" * 100 + "x"  # 2-byte characters: a cut must not split one
+    a, b = folder_name(0, long + "a", long), folder_name(0, long + "b", long)
+    assert a != b  # they differ only past the cut: the hash tells them apart
+    for name in (a, b):
+        assert len(name.encode()) <= MAX_FOLDER_NAME_BYTES and name.startswith("0_éé") and "_to_éé" in name
+        assert re.search(r"-[0-9a-f]{12}$", name)
+
+
 def test_default_is_the_embedded_sample():
     columns, rows = select_pairs(None, None, None, None, None, str(SAMPLE / "pairs.csv"))
     assert columns == [TARGET_IMAGE, SOURCE_IMAGE, TARGET_LANDMARKS, SOURCE_LANDMARKS, "Tissue"]
@@ -687,13 +705,17 @@ def test_single_pairs_looped_into_one_folder_accumulate_rows(inputs, batch, tmp_
     assert rows[0]["Status"] == "OK" and _hashes(out / batch.name) == _hashes(batch.pair)
 
 
-def test_long_file_names_are_shortened_for_the_folder_and_kept_in_the_table(inputs, registration, tmp_path, monkeypatch):
+def test_long_file_names_are_shortened_for_the_folder_and_kept_in_the_table(
+    inputs, registration, tmp_path, monkeypatch
+):
     slides = tmp_path / "slides"
     slides.mkdir()
     stems = ("s" * 124 + "1", "t" * 124 + "2")  # two 125-character stems: 256 bytes as <row>_<source>_to_<target>
     shutil.copy(inputs.data / "slides" / "source.jpg", slides / f"{stems[0]}.jpg")
     shutil.copy(inputs.data / "slides" / "target.jpg", slides / f"{stems[1]}.jpg")
-    table = _table(tmp_path / "pairs.csv", f"{TARGET_IMAGE},{SOURCE_IMAGE}\nslides/{stems[1]}.jpg,slides/{stems[0]}.jpg\n")
+    table = _table(
+        tmp_path / "pairs.csv", f"{TARGET_IMAGE},{SOURCE_IMAGE}\nslides/{stems[1]}.jpg,slides/{stems[0]}.jpg\n"
+    )
     staged = []
     publish = BatchRegistration._publish
     monkeypatch.setattr(BatchRegistration, "_publish", lambda self, s, f: (staged.append(s.name), publish(self, s, f)))

@@ -66,7 +66,7 @@ def test_sharded_inference_equals_one_process(two_pairs, tmp_path):
     assert sharded.returncode != 0, (sharded.stdout + sharded.stderr)[-3000:]  # torchrun: a rank exited 1
     assert "[1/2 rank 0] 0_source_to_target: OK" in sharded.stdout
     assert "[1/1 rank 1] 1_target_to_source: OK" in sharded.stdout
-    one, two = _rows(tmp_path / "one" / "registration-results.csv"), _rows(tmp_path / "two" / "registration-results.csv")
+    one, two = (_rows(tmp_path / run / "registration-results.csv") for run in ("one", "two"))
     assert [row["Pair folder"] for row in two] == [row["Pair folder"] for row in one]  # one table, every pair
     assert [row["Status"][:6] for row in two] == ["OK", "OK", "failed"]
     for a, b in zip(one[:2], two[:2]):

@@ -161,11 +161,11 @@ class BatchRegistration:
         """
         shard = Shard.from_environment(getattr(self.registration, "device", "cpu"))
         try:
-            with self._output_folder_locked(shard):
+            with sigterm_raises(), self._output_folder_locked(shard):
                 summary = self._run(shard)
         except BaseException as error:
             if isinstance(error, Terminated):
-                logger.error(f"stopped by SIGTERM: the pair being registered left nothing; {RESULTS_TABLE} lists the rest")
+                logger.error(f"stopped by SIGTERM: the pair in progress left nothing; {RESULTS_TABLE} lists the others")
             shard.close(wait=False)  # the other ranks may never get here; `torchrun` stops them
             raise
         shard.close()
@@ -181,17 +181,16 @@ class BatchRegistration:
         rows: dict[str, dict[str, str]] = {}
         skipped = 0
         started = time.perf_counter()
-        with sigterm_raises():
-            for number, pair in enumerate(mine, 1):
-                progress = f"[{number}/{len(mine)}{f' rank {shard.rank}' if shard.distributed else ''}] {pair.name}"
-                if self.skip_done and self._is_done(pair, done.get(pair.name)):
-                    rows[pair.name] = {**done[pair.name], **pair.row}
-                    skipped += 1
-                    logger.info(f"{progress}: done by an earlier run, skipped (--skip_done)")
-                else:
-                    rows[pair.name] = self._register_row(pair, progress)
-                if shard.rank == 0:
-                    self._write_results(previous_columns, self._merged(previous_rows, list(rows.values())))
+        for number, pair in enumerate(mine, 1):
+            progress = f"[{number}/{len(mine)}{f' rank {shard.rank}' if shard.distributed else ''}] {pair.name}"
+            if self.skip_done and self._is_done(pair, done.get(pair.name)):
+                rows[pair.name] = {**done[pair.name], **pair.row}
+                skipped += 1
+                logger.info(f"{progress}: done by an earlier run, skipped (--skip_done)")
+            else:
+                rows[pair.name] = self._register_row(pair, progress)
+            if shard.rank == 0:
+                self._write_results(previous_columns, self._merged(previous_rows, list(rows.values())))
         every_rank = shard.all_gather(rows)
         rows = {pair.name: every_rank[i % shard.world_size][pair.name] for i, pair in enumerate(pairs)}
         merged = self._merged(previous_rows, list(rows.values()))
@@ -286,7 +285,8 @@ class BatchRegistration:
         gets 8 hex digits of the images' paths."""
         record = self._record(pair.name)
         inputs = pair.inputs()
-        if record is None or (record.get("source"), record.get("target")) == (inputs[SOURCE_IMAGE], inputs[TARGET_IMAGE]):
+        images = inputs[SOURCE_IMAGE], inputs[TARGET_IMAGE]
+        if record is None or (record.get("source"), record.get("target")) == images:
             return pair
         digest = hashlib.sha256(f"{inputs[SOURCE_IMAGE]}\n{inputs[TARGET_IMAGE]}".encode()).hexdigest()[:8]
         return replace(pair, folder=f"{pair.name}-{digest}")
