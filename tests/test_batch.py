@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
+import resource
 import shutil
 import warnings
 from pathlib import Path
@@ -36,8 +38,17 @@ from scripts import (
     select_pairs,
 )
 from scripts.affine import affine_to_field
-from scripts.batch import RESULT_COLUMNS, STAGES
-from scripts.cover_table import PATH_COLUMNS, SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_IMAGE, TARGET_LANDMARKS
+from scripts.batch import RESULT_COLUMNS, STAGES, ExitCode
+from scripts.output_lock import LOCK_FILE, OutputFolderLock, OutputFolderLocked
+from scripts.cover_table import (
+    MAX_FOLDER_NAME_BYTES,
+    PATH_COLUMNS,
+    SOURCE_IMAGE,
+    SOURCE_LANDMARKS,
+    TARGET_IMAGE,
+    TARGET_LANDMARKS,
+    folder_name,
+)
 from scripts.errors import RegistrationInputError
 from scripts.preprocess import PairGeometry
 from scripts.slide_io import read_landmarks, read_slide, write_landmarks
@@ -215,7 +226,7 @@ def test_batch_records_every_row_and_goes_on_after_failures(inputs, batch):
 
     # only the good pair got a folder; no hidden staging or retired folder, no temporary file is left
     top = {p.name for p in batch.out.iterdir()}
-    assert top == {batch.name, "registration-results.csv", "registration-summary.json"}
+    assert top == {batch.name, "registration-results.csv", "registration-summary.json", LOCK_FILE}
 
     summary = json.loads((batch.out / "registration-summary.json").read_text())
     assert summary == json.loads(json.dumps(batch.summary))  # the file is what run() returned
@@ -230,6 +241,8 @@ def test_batch_records_every_row_and_goes_on_after_failures(inputs, batch):
 
 def test_equal_landmark_counts_raise_no_warning(batch):
     assert not [w for w in batch.warnings if "landmarks" in str(w.message)]
+    assert _rows_of(batch.out / "registration-results.csv")[0]["Warnings"] == ""
+    assert json.loads((batch.pair / "registration.json").read_text())["warnings"] == []
 
 
 # --- 2. the good pair's outputs ------------------------------------------------------------------------------------
@@ -343,24 +356,28 @@ def test_stage_panels_and_registration_record(inputs, batch):
 # --- 3. landmark counts that differ -----------------------------------------------------------------------------
 
 
-def test_mismatched_landmark_counts_register_with_a_warning(inputs, registration, tmp_path):
+def test_mismatched_landmark_counts_warn_for_each_pair_by_name(inputs, registration, tmp_path, caplog):
     slides = (inputs.data / "slides").resolve()
     short = tmp_path / "target-short.csv"
     write_landmarks(short, inputs.target_landmarks[:-2])
     table = tmp_path / "pairs.csv"
-    table.write_text(  # absolute paths in a table elsewhere
-        f"{TARGET_IMAGE},{SOURCE_IMAGE},{TARGET_LANDMARKS},{SOURCE_LANDMARKS}\n"
-        f"{slides / 'target.jpg'},{slides / 'source.jpg'},{short},{slides / 'source.csv'}\n"
-    )
-    with pytest.warns(UserWarning, match=r"78 source landmarks vs 76 target landmarks: pairing the first 76"):
+    good = f"{slides / 'target.jpg'},{slides / 'source.jpg'},{short},{slides / 'source.csv'}\n"
+    table.write_text(f"{TARGET_IMAGE},{SOURCE_IMAGE},{TARGET_LANDMARKS},{SOURCE_LANDMARKS}\n" + good * 2)
+    with caplog.at_level("WARNING", logger="scripts.batch"):
         summary = BatchRegistration(registration, read_cover_table(table), tmp_path / "out").run()
-    (row,) = _rows_of(tmp_path / "out" / "registration-results.csv")
-    assert row["Status"] == "OK"
-    assert summary["failed"] == 0 and summary["stages"]["nonrigid"]["pairs"] == 1
-    # each file keeps all its own points; only the scoring pairs the first 76
-    assert read_landmarks(tmp_path / "out" / row["Warped source landmarks"]).shape == (78, 2)
-    assert read_landmarks(tmp_path / "out" / row["Warped source landmarks (affine)"]).shape == (78, 2)
-    assert read_landmarks(tmp_path / "out" / row["Warped target landmarks"]).shape == (76, 2)
+    message = "78 source landmarks vs 76 target landmarks: pairing the first 76 by row order"
+    rows = _rows_of(tmp_path / "out" / "registration-results.csv")
+    assert [row["Status"] for row in rows] == ["OK", "OK"]
+    assert summary["failed"] == 0 and summary["stages"]["nonrigid"]["pairs"] == 2
+    for row in rows:  # every pair, not only the first of the process, says it and names itself
+        assert row["Warnings"] == message
+        record = json.loads((tmp_path / "out" / row["Pair folder"] / "registration.json").read_text())
+        assert record["warnings"] == [message]
+        assert f"{row['Pair folder']}: {message}" in caplog.messages
+        # each file keeps all its own points; only the scoring pairs the first 76
+        assert read_landmarks(tmp_path / "out" / row["Warped source landmarks"]).shape == (78, 2)
+        assert read_landmarks(tmp_path / "out" / row["Warped source landmarks (affine)"]).shape == (78, 2)
+        assert read_landmarks(tmp_path / "out" / row["Warped target landmarks"]).shape == (76, 2)
 
 
 # --- 4. inputs are only read; a re-run replaces the outputs whole ------------------------------------------------
@@ -375,7 +392,8 @@ def test_a_second_run_replaces_pair_folders_whole(inputs, registration, batch, t
     (out / f".{batch.name}.partial").mkdir()
     (out / f".{batch.name}.partial" / "half-written.png").write_bytes(b"")
     (out / f".{batch.name}.old").mkdir()
-    BatchRegistration(registration, read_cover_table(inputs.table), out).run()
+    (out / f".{batch.name}.0123abcd.partial").mkdir()  # a killed run's, with its run token
+    BatchRegistration(registration, read_cover_table(inputs.table), out, skip_done=False).run()
     assert _tree(out) == first
     statuses = [row["Status"] for row in _rows_of(out / "registration-results.csv")]
     assert statuses == [row["Status"] for row in _rows_of(batch.out / "registration-results.csv")]
@@ -542,6 +560,16 @@ def test_single_pair_table_keeps_the_given_strings(tmp_path, monkeypatch):
     assert pair.name == "0_src_to_tgt"
 
 
+def test_folder_names_fit_the_file_system_and_stay_distinct():
+    assert folder_name(3, "he", "cd31") == "3_he_to_cd31"  # short names as they were
+    long = "é" * 100 + "x"  # 2-byte characters: a cut must not split one
+    a, b = folder_name(0, long + "a", long), folder_name(0, long + "b", long)
+    assert a != b  # they differ only past the cut: the hash tells them apart
+    for name in (a, b):
+        assert len(name.encode()) <= MAX_FOLDER_NAME_BYTES and name.startswith("0_éé") and "_to_éé" in name
+        assert re.search(r"-[0-9a-f]{12}$", name)
+
+
 def test_default_is_the_embedded_sample():
     columns, rows = select_pairs(None, None, None, None, None, str(SAMPLE / "pairs.csv"))
     assert columns == [TARGET_IMAGE, SOURCE_IMAGE, TARGET_LANDMARKS, SOURCE_LANDMARKS, "Tissue"]
@@ -595,3 +623,144 @@ def test_a_pair_that_fails_now_leaves_no_result_of_an_earlier_run(inputs, tmp_pa
     (row,) = _rows_of(tmp_path / "out" / "registration-results.csv")
     assert row["Status"].startswith("failed: ") and "missing.csv" in row["Status"]
     assert not stale.exists()
+
+
+# --- 7. runs that share an output folder: the lock, merged tables, resuming, names --------------------------------
+
+
+def test_a_locked_output_folder_is_refused_at_once_naming_the_lock(inputs, tmp_path):
+    out = tmp_path / "out"
+    holder = OutputFolderLock(out)
+    holder.acquire()  # another run (flock conflicts between two opens of the file, in one process or two)
+    try:
+        runner = BatchRegistration(None, read_cover_table(inputs.table), out)
+        with pytest.raises(OutputFolderLocked) as error:
+            runner.run()
+        assert str(error.value).startswith(f"{out / LOCK_FILE}: the output folder is in use by process {os.getpid()}")
+        assert {p.name for p in out.iterdir()} == {LOCK_FILE}  # nothing was done
+        with pytest.raises(SystemExit) as exit_:  # the command's form: the documented status, no traceback
+            runner.run_and_exit()
+        assert exit_.value.code == ExitCode.OUTPUT_LOCKED == 3
+    finally:
+        holder.release()
+    BatchRegistration(None, read_cover_table(inputs.table), out).run()  # released: the next run gets it
+    assert (out / "registration-results.csv").is_file()
+
+
+def test_a_run_into_a_folder_keeps_the_rows_of_other_pairs(inputs, batch, tmp_path):
+    out = tmp_path / "outputs"
+    shutil.copytree(batch.out, out)
+    before = _rows_of(out / "registration-results.csv")
+    other = _table(tmp_path / "other.csv", f"{TARGET_IMAGE},{SOURCE_IMAGE},Stain\nt.jpg,elsewhere.jpg,CD31\n")
+    runner = BatchRegistration(None, read_cover_table(other), out)
+    summary = runner.run()
+    assert runner.exit_code == ExitCode.PAIR_FAILED  # this run's pair failed
+    columns, rows = _read_csv(out / "registration-results.csv")
+    assert columns == [TARGET_IMAGE, SOURCE_IMAGE, "Stain", TARGET_LANDMARKS, SOURCE_LANDMARKS, "Tissue", "Note",
+                       *RESULT_COLUMNS]
+    assert len(rows) == 7
+    for old, kept in zip(before, rows):
+        assert {column: kept[column] for column in old} == old
+    assert rows[6]["Pair folder"] == "0_elsewhere_to_t" and rows[6]["Stain"] == "CD31"
+    assert rows[6]["Status"].startswith(f"failed: {tmp_path / 't.jpg'}: file not found")
+    # the summary covers the whole table: the earlier run's pair and failures, and this one's failure
+    assert summary == json.loads((out / "registration-summary.json").read_text())
+    assert summary["pairs"] == 7 and summary["failed"] == 6 and "0_elsewhere_to_t" in summary["failures"]
+    assert list(summary["per_pair"]) == [batch.name] and summary["stages"]["nonrigid"]["pairs"] == 1
+    assert summary["per_pair"] == batch.summary["per_pair"]
+    assert _hashes(out / batch.name) == _hashes(batch.pair)
+
+
+def test_skip_done_resumes_without_registering_completed_pairs(inputs, batch, tmp_path):
+    out = tmp_path / "outputs"
+    shutil.copytree(batch.out, out)
+    (out / "registration-results.csv").write_text(  # as a run stopped after the first pair left it
+        "".join((batch.out / "registration-results.csv").read_text().splitlines(keepends=True)[:2])
+    )
+    # no registration at all: a pair that is registered again fails with a TypeError
+    runner = BatchRegistration(None, read_cover_table(inputs.table), out)
+    summary = runner.run()
+    rows, first = _rows_of(out / "registration-results.csv"), _rows_of(batch.out / "registration-results.csv")
+    assert rows[0] == first[0]  # the done pair's row as it was, execution time included
+    timeless = [{**row, "Execution time [minutes]": ""} for row in rows]
+    assert timeless == [{**row, "Execution time [minutes]": ""} for row in first]  # the others tried again
+    assert _hashes(out / batch.name) == _hashes(batch.pair)
+    assert summary == batch.summary
+    assert runner.exit_code == ExitCode.PAIR_FAILED
+
+    # the same folder name from other inputs is not done; nor is anything with skip_done=False
+    slides = inputs.data.resolve() / "slides"
+    other_landmarks = _table(  # the same images, other landmarks
+        tmp_path / "moved.csv",
+        f"{TARGET_IMAGE},{SOURCE_IMAGE},{TARGET_LANDMARKS},{SOURCE_LANDMARKS}\n"
+        f"{slides / 'target.jpg'},{slides / 'source.jpg'},{slides / 'target.csv'},{slides / 'target.csv'}\n",
+    )
+    for pairs, skip_done in ((read_cover_table(other_landmarks), True), (read_cover_table(inputs.table), False)):
+        BatchRegistration(None, pairs, out, skip_done=skip_done).run()
+        (row, *_) = _rows_of(out / "registration-results.csv")
+        assert row["Status"].startswith("failed: TypeError"), row["Status"]
+
+
+def test_single_pairs_looped_into_one_folder_accumulate_rows(inputs, batch, tmp_path, monkeypatch):
+    out = tmp_path / "outputs"
+    shutil.copytree(batch.out, out)  # holds 0_source_to_target, from a cover table
+    monkeypatch.chdir(tmp_path)
+    for source in ("a.jpg", "b.jpg", "other/source.jpg"):  # the last has the stems of the pair already there
+        BatchRegistration(None, select_pairs(None, source, "target.jpg", None, None, "unused"), out).run()
+    rows = _rows_of(out / "registration-results.csv")
+    assert len(rows) == 6 + 3
+    folders = [row["Pair folder"] for row in rows[6:]]
+    assert folders[:2] == ["0_a_to_target", "0_b_to_target"]
+    assert re.fullmatch(rf"{batch.name}-[0-9a-f]{{8}}", folders[2])  # the other pair's folder is left alone
+    assert [row[SOURCE_IMAGE] for row in rows[6:]] == ["a.jpg", "b.jpg", "other/source.jpg"]
+    assert rows[0]["Status"] == "OK" and _hashes(out / batch.name) == _hashes(batch.pair)
+
+
+def test_long_file_names_are_shortened_for_the_folder_and_kept_in_the_table(
+    inputs, registration, tmp_path, monkeypatch
+):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    stems = ("s" * 124 + "1", "t" * 124 + "2")  # two 125-character stems: 256 bytes as <row>_<source>_to_<target>
+    shutil.copy(inputs.data / "slides" / "source.jpg", slides / f"{stems[0]}.jpg")
+    shutil.copy(inputs.data / "slides" / "target.jpg", slides / f"{stems[1]}.jpg")
+    table = _table(
+        tmp_path / "pairs.csv", f"{TARGET_IMAGE},{SOURCE_IMAGE}\nslides/{stems[1]}.jpg,slides/{stems[0]}.jpg\n"
+    )
+    staged = []
+    publish = BatchRegistration._publish
+    monkeypatch.setattr(BatchRegistration, "_publish", lambda self, s, f: (staged.append(s.name), publish(self, s, f)))
+    runner = BatchRegistration(registration, read_cover_table(table), tmp_path / "out")
+    runner.run()
+    (row,) = _rows_of(tmp_path / "out" / "registration-results.csv")
+    assert row["Status"] == "OK", row["Status"]
+    assert row[SOURCE_IMAGE] == f"slides/{stems[0]}.jpg" and row[TARGET_IMAGE] == f"slides/{stems[1]}.jpg"
+    folder = row["Pair folder"]
+    assert len(folder.encode()) <= 200 and folder.startswith(f"0_{stems[0][:80]}")
+    assert (tmp_path / "out" / row["Warped source image"]).is_file()
+    assert row["Warped source image"].startswith(f"{folder}/")
+    # the staging name fits too, and is this run's own: another run into the folder would stage elsewhere
+    (name,) = staged
+    assert name.startswith(f".{folder}.") and name.endswith(".partial") and len(name.encode()) <= 255
+    other = BatchRegistration(registration, read_cover_table(table), tmp_path / "out")
+    assert other._staging(read_cover_table(table)[1][0]).name != name
+
+
+def test_an_os_error_names_the_file(inputs, registration, tmp_path):
+    table = _table(
+        tmp_path / "pairs.csv",
+        f"{TARGET_IMAGE},{SOURCE_IMAGE}\n{inputs.data / 'slides/target.jpg'},{inputs.data / 'slides/source.jpg'}\n",
+    )
+    pairs = read_cover_table(table)
+    out = tmp_path / "out"
+    out.mkdir()
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, limit[1]))  # files over 30 kB: EFBIG (Python ignores SIGXFSZ)
+    try:
+        BatchRegistration(registration, pairs, out).run()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    (row,) = _rows_of(out / "registration-results.csv")
+    name = pairs[1][0].name
+    assert row["Status"] == f"failed: {out / name / 'warped-source.png'}: OSError: [Errno 27] File too large"
+    assert {p.name for p in out.iterdir()} == {"registration-results.csv", "registration-summary.json", LOCK_FILE}

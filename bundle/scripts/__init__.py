@@ -1,6 +1,11 @@
 """What the bundle's configs use; MONAI, Ignite and PyTorch provide the rest."""
 
 from pathlib import Path
+import warnings
+
+# MONAI's Warp warns on every construction that it uses PyTorch's grid_sample, as the bundle means it to (MONAI's
+# optional compiled resampler is not used): nothing a user can act on.
+warnings.filterwarnings("ignore", "monai.networks.blocks.Warp: Using PyTorch native grid_sample", UserWarning)
 
 from .affine import AffineInitializer
 from .batch import BatchRegistration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,9 @@ SOURCE_IMAGE = "Source image"
 TARGET_LANDMARKS = "Target landmarks"
 SOURCE_LANDMARKS = "Source landmarks"
 PATH_COLUMNS = (TARGET_IMAGE, SOURCE_IMAGE, TARGET_LANDMARKS, SOURCE_LANDMARKS)
+# Longest pair folder name, in UTF-8 bytes: NAME_MAX is 255 on Linux and macOS file systems, and the runner's
+# staging and retired names add a dot, a run token and a suffix (under 30 bytes) to the folder name.
+MAX_FOLDER_NAME_BYTES = 200
 
 
 @dataclass(frozen=True)
@@ -24,11 +28,13 @@ class PairRow:
         index: row number (0-based) in the table.
         row: the row as read, every column kept verbatim (path columns keep the table's strings).
         base_dir: folder the relative paths are resolved against.
+        folder: output folder name when the runner chose one (see :attr:`name`), else None.
     """
 
     index: int
     row: dict[str, str]
     base_dir: Path
+    folder: str | None = None
 
     def path(self, column: str) -> Path | None:
         """Resolved path of a path column, or None where the table leaves it empty (landmarks are optional)."""
@@ -45,12 +51,36 @@ class PairRow:
             raise RegistrationInputError(self.base_dir, f"row {self.index} of the cover table has an empty '{column}'")
         return path
 
+    def inputs(self) -> dict[str, str]:
+        """The resolved path of each path column (``""`` where empty): what identifies a pair's result."""
+        return {column: str(self.path(column) or "") for column in PATH_COLUMNS}
+
     @property
     def name(self) -> str:
-        """Output folder name: unique within a table (row number first) and readable."""
-        source = Path(self.row[SOURCE_IMAGE]).stem
-        target = Path(self.row[TARGET_IMAGE]).stem
-        return f"{self.index}_{source}_to_{target}"
+        """Output folder name: :attr:`folder` if the runner set one, else :func:`folder_name` of the row."""
+        if self.folder is not None:
+            return self.folder
+        return folder_name(self.index, Path(self.row[SOURCE_IMAGE]).stem, Path(self.row[TARGET_IMAGE]).stem)
+
+
+def folder_name(index: int, source: str, target: str) -> str:
+    """``<index>_<source>_to_<target>``: unique within a table (row number first) and readable.
+
+    A name longer than :data:`MAX_FOLDER_NAME_BYTES` keeps the row number and the start of both stems and ends in 12
+    hex digits of the full name's SHA-256, so that names that differ only past the cut stay different.
+    """
+    name = f"{index}_{source}_to_{target}"
+    if len(name.encode()) <= MAX_FOLDER_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    fixed = f"{index}__to_-{digest}"
+    each = (MAX_FOLDER_NAME_BYTES - len(fixed.encode())) // 2
+    return f"{index}_{_clip(source, each)}_to_{_clip(target, each)}-{digest}"
+
+
+def _clip(text: str, size: int) -> str:
+    """The longest start of ``text`` that fits in ``size`` UTF-8 bytes (never half a character)."""
+    return text.encode()[:size].decode(errors="ignore")
 
 
 def read_csv_table(path: Path, what: str) -> tuple[list[str], list[dict[str, str]]]:
