@@ -12,8 +12,8 @@ from monai.networks.blocks import Warp
 
 from .affine import affine_to_field
 from .nonrigid import PatchPyramidRegistration
-from .preprocess import PairGeometry, tissue_image, to_working_grid
-from .slide_io import Slide
+from .preprocess import PairGeometry, working_image
+from .slide_image import SlideImage
 from .transform import SlideTransform
 
 
@@ -69,12 +69,17 @@ class SlidePairRegistration:
         importlib.import_module("torch._dynamo")
 
     @torch.inference_mode()
-    def __call__(self, source: Slide, target: Slide) -> PairRegistration:
+    def __call__(self, source: SlideImage, target: SlideImage) -> PairRegistration:
+        """Register ``source`` onto ``target``, each read only at the working resolution (never decoded whole).
+
+        Slides whose microns per pixel differ are registered at the same physical scale (the finer one is resampled
+        to the coarser one's pixel size); ``transform.geometry`` records both pixel sizes and the zooms.
+        """
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        geometry = PairGeometry.create(target.pixels.shape[:2], source.pixels.shape[:2], self.working_size)
-        fixed = to_working_grid(tissue_image(target.pixels), geometry)[None].to(self.device)
-        moving = to_working_grid(tissue_image(source.pixels), geometry)[None].to(self.device)
+        geometry = PairGeometry.create(target.shape, source.shape, self.working_size, target.mpp, source.mpp)
+        fixed = working_image(target, geometry, "target")[None].to(self.device)
+        moving = working_image(source, geometry, "source")[None].to(self.device)
         timings["preprocessing"] = self._lap(start)
 
         start = time.perf_counter()

@@ -24,10 +24,13 @@ class SlideLevel:
     Attributes:
         shape: (rows, columns) in pixels of this level.
         downsample: (rows, columns) level-0 pixels per pixel of this level (1.0 for level 0).
+        tile_shape: (rows, columns) of the blocks the file stores this level in (a strip is a tile of the full width),
+            so that reads can be aligned to them; None where the level is held in memory.
     """
 
     shape: tuple[int, int]
     downsample: tuple[float, float]
+    tile_shape: tuple[int, int] | None = None
 
 
 class SlideImage(ABC):
