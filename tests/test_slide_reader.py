@@ -63,8 +63,10 @@ def _svs(path: Path, levels: list[np.ndarray]) -> None:
 
 
 def _generic_pyramid(path: Path, levels: list[np.ndarray], resolution: tuple[float, float], unit: str) -> None:
-    """A plain tiled TIFF with reduced-resolution pages (as libvips writes) and resolution tags."""
-    with tifffile.TiffWriter(path) as writer:
+    """A plain tiled TIFF with reduced-resolution pages (as libvips writes) and resolution tags. BigTIFF for ``.btf``
+    and ``.ndpi``: tifffile reads a classic TIFF named ``.ndpi`` with Hamamatsu's 64-bit offsets, which it cannot
+    write."""
+    with tifffile.TiffWriter(path, bigtiff=path.suffix in (".btf", ".ndpi")) as writer:
         for index, level in enumerate(levels):
             scale = 2**index
             writer.write(level, tile=TILE, compression="zlib", subfiletype=int(index > 0), metadata=None,
@@ -168,17 +170,12 @@ def test_coarsest_sufficient_level_is_read_and_level_0_never(tmp_path: Path) -> 
 
 
 def _striped(path: Path, height: int, width: int, compression: str | None) -> None:
-    """A flat greyscale image written strip by strip: 16 x 16 blocks of value (block row + block column) % 256."""
-    rows_per_strip = 64
-
-    def strips():
-        columns = np.arange(width) // 16
-        for top in range(0, height, rows_per_strip):
-            rows = np.arange(top, min(top + rows_per_strip, height))[:, None] // 16
-            yield ((rows + columns) % 256).astype(np.uint8)
-
-    tifffile.imwrite(path, strips(), shape=(height, width), dtype=np.uint8, rowsperstrip=rows_per_strip,
-                     compression=compression)
+    """A flat greyscale image in strips of 64 rows: 16 x 16 blocks of value (block row + block column) % 256."""
+    image = np.empty((height, width), np.uint8)
+    columns = np.arange(width) // 16
+    for top in range(0, height, 16):
+        image[top : top + 16] = ((top // 16 + columns) % 256).astype(np.uint8)
+    tifffile.imwrite(path, image, rowsperstrip=64, compression=compression)
 
 
 @pytest.mark.parametrize("compression", ["zlib", None])
@@ -263,8 +260,22 @@ def test_huge_png_is_refused_before_decoding(tmp_path: Path) -> None:
         open_slide(path)
 
 
-def test_pyramid_working_grid_matches_the_whole_image(tmp_path: Path) -> None:
-    """The working grid built from a coarse level lies where the one built from the decoded level 0 lies."""
+def _correlations(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """(3, 3) correlation coefficients of ``image`` shifted by -1, 0, 1 working px (rows, columns) with ``reference``."""
+    h, w = image.shape
+    out = np.empty((3, 3))
+    for i, dr in enumerate((-1, 0, 1)):
+        for j, dc in enumerate((-1, 0, 1)):
+            a = image[max(dr, 0) : h + min(dr, 0), max(dc, 0) : w + min(dc, 0)]
+            b = reference[max(-dr, 0) : h + min(-dr, 0), max(-dc, 0) : w + min(-dc, 0)]
+            out[i, j] = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    return out
+
+
+def test_pyramid_working_grid_lies_where_the_whole_image_does(tmp_path: Path) -> None:
+    """The working grid built from a coarse level lies where the one built from the decoded level 0 lies: best
+    correlated without a shift, clearly worse one working pixel off. (Intensities differ: the tissue channel's
+    percentiles are taken at the resolution read.)"""
     tissue = _tissue()
     path = tmp_path / "slide.ome.tif"
     _ome_pyramid(path, _pyramid(tissue, 3))
@@ -273,9 +284,9 @@ def test_pyramid_working_grid_matches_the_whole_image(tmp_path: Path) -> None:
     from_pyramid = working_image(pyramid, geometry, "source")
     reference = to_working_grid(tissue_image(whole.pixels), geometry)
     assert from_pyramid.shape == reference.shape == (1, 50, 75)
-    error = (from_pyramid - reference).abs().mean()
-    shifted = (from_pyramid[:, :, 1:] - reference[:, :, :-1]).abs().mean()
-    assert error < 0.02 and error < shifted / 3, (error, shifted)
+    correlations = _correlations(from_pyramid[0].numpy(), reference[0].numpy())
+    others = np.delete(correlations.ravel(), 4)
+    assert correlations[1, 1] > 0.98 and correlations[1, 1] - others.max() > 0.05, correlations
 
 
 def test_different_pixel_sizes_are_registered_at_one_physical_scale(tmp_path: Path) -> None:
@@ -295,7 +306,8 @@ def test_different_pixel_sizes_are_registered_at_one_physical_scale(tmp_path: Pa
     np.testing.assert_allclose(geometry.to_working(point * 2 + 0.5, "target"), geometry.to_working(point, "source"))
     np.testing.assert_allclose(geometry.from_working(geometry.to_working(point, "target"), "target"), point)
     fixed, moving = working_image(target, geometry, "target"), working_image(source, geometry, "source")
-    assert (fixed - moving).abs().mean() < 0.02
+    correlations = _correlations(fixed[0].numpy(), moving[0].numpy())
+    assert correlations[1, 1] > 0.98 and correlations[1, 1] - np.delete(correlations.ravel(), 4).max() > 0.05
 
 
 def test_same_pixel_size_keeps_the_pixel_geometry() -> None:

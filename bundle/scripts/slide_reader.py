@@ -231,7 +231,8 @@ class TiffSlide(SlideImage):
                     if count == 0:
                         continue
                     handle.seek(offset)
-                    segment = keyframe.decode(handle.read(count), index, **decode_args)[0]
+                    data = handle.read(count)  # before decode: its first use reads tags, moving the file position
+                    segment = keyframe.decode(data, index, **decode_args)[0]
                     segment = segment.reshape(segment.shape[-3:])  # (rows, columns, contiguous samples)
                     top, left = tile_row * segment_rows, tile_column * segment_columns
                     r0, r1 = max(rows[0], top), min(rows[1], top + segment.shape[0])
