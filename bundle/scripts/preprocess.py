@@ -139,7 +139,13 @@ class PairGeometry:
         return np.asarray(self.target_zoom if frame == "target" else self.source_zoom, dtype=np.float64)
 
     def to_dict(self) -> dict:
+        """JSON-ready: tuples as lists, an unknown pixel size as None."""
         return {key: None if value is None else list(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> PairGeometry:
+        """The geometry :meth:`to_dict` wrote (``registration.json``, the field's sidecar)."""
+        return cls(**{key: None if value is None else tuple(value) for key, value in record.items()})
 
 
 def to_working_grid(image: torch.Tensor, geometry: PairGeometry) -> torch.Tensor:

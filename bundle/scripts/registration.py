@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from .nonrigid import PatchPyramidRegistration
 from .preprocess import PairGeometry, working_image
 from .slide_image import SlideImage
 from .transform import SlideTransform
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +81,11 @@ class SlidePairRegistration:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         geometry = PairGeometry.create(target.shape, source.shape, self.working_size, target.mpp, source.mpp)
+        if geometry.target_zoom != geometry.source_zoom:
+            logger.info(
+                f"{source.path} ({source.mpp} um/px) and {target.path} ({target.mpp} um/px) registered at one physical "
+                f"scale: zoom {geometry.source_zoom} and {geometry.target_zoom} before the working grid"
+            )
         fixed = working_image(target, geometry, "target")[None].to(self.device)
         moving = working_image(source, geometry, "source")[None].to(self.device)
         timings["preprocessing"] = self._lap(start)

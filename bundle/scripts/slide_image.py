@@ -71,6 +71,15 @@ class SlideImage(ABC):
             )
         return out
 
+    def close(self) -> None:
+        """Release the file the slide reads from; nothing to release for a slide held in memory."""
+
+    def __enter__(self) -> SlideImage:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     @abstractmethod
     def _read(self, level: int, rows: tuple[int, int], columns: tuple[int, int]) -> np.ndarray:
         """Pixels of a region that lies inside ``level``, (h, w, channels) float32 in [0, 1]."""

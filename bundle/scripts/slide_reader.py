@@ -126,9 +126,12 @@ class TiffSlide(SlideImage):
         self._lock = threading.Lock()
 
     def close(self) -> None:
+        """Close the TIFF file; reading afterwards fails."""
         self._tiff.close()
 
     def _check_format(self, keyframe: tifffile.TiffPage) -> None:
+        if keyframe.imagelength == 0 or keyframe.imagewidth == 0:
+            raise RegistrationInputError(self.path, "image is empty (no pixels)")
         if keyframe.photometric not in _TIFF_PHOTOMETRICS:
             raise RegistrationInputError(
                 self.path, f"unsupported TIFF photometric interpretation {keyframe.photometric.name}"

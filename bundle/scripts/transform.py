@@ -19,8 +19,9 @@ FIELD_CONVENTION = (
     "Pull (backward) displacement on the working grid of the target: a working pixel x (row, column) of the target "
     "corresponds to working position x + u(x) in the source, i.e. warped_source(x) = source(x + u(x)). Array shape "
     "(rows, columns, 1, 2) as (i, j, k, component); component 0 = rows, 1 = columns; units = working pixels; NIfTI "
-    "affine = identity (voxel index = working pixel). Original pixel p (row, column) of an image relates to working "
-    "pixel w by w = (p + offset + 0.5) * scale - 0.5 with the image's offset (target_offset / source_offset) and "
+    "affine = identity (voxel index = working pixel). Level-0 pixel p (row, column) of a slide relates to working "
+    "pixel w by w = (p * zoom + (zoom - 1) / 2 + offset + 0.5) * scale - 0.5 with the slide's zoom and offset "
+    "(target_zoom / source_zoom: 1 unless the slides' microns per pixel differ; target_offset / source_offset) and "
     "scale = working_shape / common_shape from the geometry."
 )
 
