@@ -14,8 +14,9 @@ Writes, tile by tile (never holding a slide in memory), a synthetic whole-slide 
 
 Then, for each working size, a fresh subprocess (``--worker``) imports the bundle, opens the target with the source
 (or the flat file with the source) and builds both working-grid images as ``SlidePairRegistration`` does
-(``PairGeometry.create`` + ``working_image``). It reports the seconds of ``open_slide`` and ``working_image`` and the
-resident memory after the imports; the parent reports the subprocess's peak resident memory (``wait4``). The slides
+(``PairGeometry.create`` + ``working_image``). It reports the wall and CPU seconds of ``open_slide`` and
+``working_image`` (CPU seconds mean more than wall seconds on a shared machine) and the resident memory after the
+imports; the parent reports the subprocess's peak resident memory (``wait4``). The slides
 go to ``--slides_dir`` (git-ignored ``benchmarks/results/runs/``) and are reused when present.
 """
 
@@ -126,22 +127,25 @@ def worker(target: str, source: str, working_size: int) -> None:
     from scripts.slide_reader import open_slide
 
     imported = status_mb("VmRSS")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     fixed_slide, moving_slide = open_slide(target), open_slide(source)
-    opened = time.perf_counter() - started
+    opened, opened_cpu = time.perf_counter() - started, time.process_time() - cpu
     geometry = PairGeometry.create(fixed_slide.shape, moving_slide.shape, working_size, fixed_slide.mpp,
                                    moving_slide.mpp)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     fixed = working_image(fixed_slide, geometry, "target")
-    fixed_seconds = time.perf_counter() - started
-    started = time.perf_counter()
+    fixed_seconds, fixed_cpu = time.perf_counter() - started, time.process_time() - cpu
+    started, cpu = time.perf_counter(), time.process_time()
     moving = working_image(moving_slide, geometry, "source")
-    moving_seconds = time.perf_counter() - started
+    moving_seconds, moving_cpu = time.perf_counter() - started, time.process_time() - cpu
     print(json.dumps({
         "rss_after_imports_mb": imported,
         "open_seconds": opened,
+        "open_cpu_seconds": opened_cpu,
         "target_working_image_seconds": fixed_seconds,
+        "target_working_image_cpu_seconds": fixed_cpu,
         "source_working_image_seconds": moving_seconds,
+        "source_working_image_cpu_seconds": moving_cpu,
         "working_shape": list(fixed.shape[1:]),
         "target_levels": [list(level.shape) for level in fixed_slide.levels],
         "source_levels": [list(level.shape) for level in moving_slide.levels],
@@ -181,11 +185,12 @@ def main() -> None:
               "write_seconds": write_seconds, "runs": runs}
     rows = [
         [run["target"], run["source"], run["working_size"], run["open_seconds"], run["target_working_image_seconds"],
-         run["source_working_image_seconds"], run["rss_after_imports_mb"], run["peak_rss_mb"]]
+         run["target_working_image_cpu_seconds"], run["source_working_image_seconds"],
+         run["source_working_image_cpu_seconds"], run["rss_after_imports_mb"], run["peak_rss_mb"]]
         for run in runs
     ]
-    header = ["target", "source", "working size", "open s", "target read s", "source read s",
-              "RSS after imports MB", "peak RSS MB"]
+    header = ["target", "source", "working size", "open s", "target read s", "target read CPU s", "source read s",
+              "source read CPU s", "RSS after imports MB", "peak RSS MB"]
     markdown = (
         f"### Whole-slide reading at the working resolution ({args.size[1]} x {args.size[0]} px pair)\n\n"
         f"`{command_line()}`\n\n" + markdown_table(header, rows)

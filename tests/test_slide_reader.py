@@ -77,14 +77,18 @@ def test_ome_tiff_levels_and_microns_per_pixel(tmp_path: Path) -> None:
     levels = _pyramid(_tissue(), 3)
     path = tmp_path / "slide.ome.tiff"
     _ome_pyramid(path, levels, PhysicalSizeX=0.5, PhysicalSizeXUnit="µm", PhysicalSizeY=250, PhysicalSizeYUnit="nm")
-    slide = open_slide(path)
-    assert isinstance(slide, TiffSlide)
-    assert [level.shape for level in slide.levels] == [(384, 576), (192, 288), (96, 144)]
-    assert [level.downsample for level in slide.levels] == [(1.0, 1.0), (2.0, 2.0), (4.0, 4.0)]
-    assert slide.mpp == pytest.approx((0.25, 0.5))
-    assert (slide.channels, slide.bit_depth) == (3, 8)
-    for index, level in enumerate(levels):
-        np.testing.assert_array_equal(slide.read_region(index, (0, level.shape[0]), (0, level.shape[1])) * 255, level)
+    with open_slide(path) as slide:
+        assert isinstance(slide, TiffSlide)
+        assert [level.shape for level in slide.levels] == [(384, 576), (192, 288), (96, 144)]
+        assert [level.downsample for level in slide.levels] == [(1.0, 1.0), (2.0, 2.0), (4.0, 4.0)]
+        assert [level.tile_shape for level in slide.levels] == [TILE] * 3
+        assert slide.mpp == pytest.approx((0.25, 0.5))
+        assert (slide.channels, slide.bit_depth) == (3, 8)
+        for index, level in enumerate(levels):
+            region = slide.read_region(index, (0, level.shape[0]), (0, level.shape[1]))
+            np.testing.assert_array_equal(region * 255, level)
+    with pytest.raises(RegistrationInputError, match="cannot be read"):  # closed
+        slide.read_region(0, (0, 1), (0, 1))
 
 
 def test_svs_reads_aperio_mpp_and_skips_the_thumbnail(tmp_path: Path) -> None:

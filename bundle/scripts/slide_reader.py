@@ -160,9 +160,9 @@ class TiffSlide(SlideImage):
         stored = counts > 0
         if not stored.any():
             raise RegistrationInputError(self.path, f"level of {declared} has no pixel data")
-        if len(offsets) > 1 and len(np.unique(offsets[stored])) == 1:
+        if stored.sum() > 1 and len(np.unique(offsets[stored])) == 1:
             raise RegistrationInputError(
-                self.path, f"level of {declared}: all {len(offsets)} strips/tiles point at one offset; not a slide"
+                self.path, f"level of {declared}: all {stored.sum()} strips/tiles point at one offset; not a slide"
             )
         decoded = height * width * keyframe.samplesperpixel * keyframe.dtype.itemsize
         unique_bytes = int(np.unique(np.stack([offsets[stored], counts[stored]]), axis=1)[1].sum())
