@@ -84,8 +84,9 @@ def write_slides(directory: Path, shape: tuple[int, int]) -> dict[str, float]:
             seconds[name] = 0.0
             return
         started = time.perf_counter()
-        write(path.with_suffix(".partial" + path.suffix))
-        path.with_suffix(".partial" + path.suffix).rename(path)
+        partial = path.with_name(".partial-" + name)  # the name must end as the final one: tifffile writes OME
+        write(partial)  # metadata only to a file named .ome.tif
+        partial.rename(path)
         seconds[name] = time.perf_counter() - started
         print(f"wrote {path} in {seconds[name]:.0f} s", flush=True)
 
