@@ -338,3 +338,39 @@ def test_small_pair_working_grid_is_unchanged() -> None:
     geometry = PairGeometry.create(slide.shape, (700, 1200), working_size=1024)
     expected = to_working_grid(tissue_image(slide.pixels), geometry)
     assert torch.equal(working_image(slide, geometry, "target"), expected)
+
+
+def test_pair_of_different_pixel_sizes_registers_at_one_physical_scale(tmp_path: Path) -> None:
+    """End to end through SlidePairRegistration: the target is the source scanned at twice the resolution, so the
+    registration must map target pixel p to source pixel about p / 2, and record both pixel sizes."""
+    import yaml
+    from monai.networks.nets import UNet
+
+    from scripts import AffineInitializer, PatchPyramidRegistration, SlidePairRegistration
+
+    tissue = _tissue()
+    fine = np.repeat(np.repeat(tissue, 2, axis=0), 2, axis=1)
+    target_path, source_path = tmp_path / "target.ome.tif", tmp_path / "source.svs"
+    _ome_pyramid(target_path, _pyramid(fine, 4), PhysicalSizeX=0.25, PhysicalSizeY=0.25)
+    _svs(source_path, _pyramid(tissue, 3))  # MPP = 0.499 in the Aperio description
+    network_args = yaml.safe_load((SAMPLE.parents[2] / "configs" / "inference.yaml").read_text())["network_args"]
+    torch.manual_seed(0)
+    networks = [UNet(**network_args) for _ in range(2)]
+    with torch.no_grad():  # random weights scaled down: small, smooth displacements
+        for network in networks:
+            network.model[-1].conv.weight.mul_(0.15)
+            network.model[-1].conv.bias.mul_(0.15)
+    registration = SlidePairRegistration(
+        PatchPyramidRegistration(networks, patch_size=64, stride=32, group_size=8, iterations=1),
+        AffineInitializer(angle_step=15, pyramid=(64, 128), iterations=(20, 10)),
+        working_size=192,
+    )
+    with open_slide(target_path) as target, open_slide(source_path) as source:
+        transform = registration(source, target).transform
+    geometry = transform.geometry
+    assert geometry.target_mpp == (0.25, 0.25) and geometry.source_mpp == (0.499, 0.499)
+    assert geometry.target_zoom == pytest.approx((0.25 / 0.499,) * 2) and geometry.source_zoom == (1.0, 1.0)
+    points = np.array([[150.0, 200.0], [900.0, 300.0], [600.0, 600.0], [300.0, 650.0]])  # [X, Y] in the target
+    mapped = transform.target_to_source(points)
+    expected = (points + 0.5) * (0.25 / 0.499) - 0.5  # the same tissue point, by the pixel sizes
+    assert np.abs(mapped - expected).max() < 4, mapped - expected  # 4 source px = 2 working px

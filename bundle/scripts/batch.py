@@ -156,6 +156,8 @@ class BatchRegistration:
             self._publish(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            source.close()
+            target.close()
         return outputs, scores
 
     @staticmethod
