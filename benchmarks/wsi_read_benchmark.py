@@ -74,7 +74,13 @@ def write_slides(directory: Path, shape: tuple[int, int]) -> dict[str, float]:
 
     directory.mkdir(parents=True, exist_ok=True)
     target, source = np.asarray(Image.open(TARGET)), np.asarray(Image.open(SOURCE))
-    options = {"tile": (TILE, TILE), "compression": "jpeg", "compressionargs": {"level": 80}, "photometric": "rgb", "dtype": np.uint8}
+    options = {
+        "tile": (TILE, TILE),
+        "compression": "jpeg",
+        "compressionargs": {"level": 80},
+        "photometric": "rgb",
+        "dtype": np.uint8,
+    }
     resolution = {"resolution": (1e4 / MPP, 1e4 / MPP), "resolutionunit": "CENTIMETER"}
     seconds = {}
 
@@ -105,7 +111,8 @@ def write_slides(directory: Path, shape: tuple[int, int]) -> dict[str, float]:
             writer.write(_tiles(source, shape, shape), shape=(*shape, 3), description=description, metadata=None,
                          **options)
             thumbnail = tuple(math.ceil(n / 32) for n in shape)
-            writer.write(next(_tiles(source, shape, thumbnail)) if max(thumbnail) <= TILE else np.zeros((*thumbnail, 3), np.uint8),
+            small = next(_tiles(source, shape, thumbnail))[: thumbnail[0], : thumbnail[1]]
+            writer.write(small if max(thumbnail) <= TILE else np.zeros((*thumbnail, 3), np.uint8),
                          description="Aperio Image Library v12.0.15", metadata=None, photometric="rgb")
             for level in levels[1:]:
                 writer.write(_tiles(source, shape, level), shape=(*level, 3), description="Aperio Image Library",

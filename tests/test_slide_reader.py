@@ -234,7 +234,10 @@ def _forged_tiff(path: Path, size: int, tile: int, distinct: int) -> None:
 
 @pytest.mark.parametrize(
     "distinct, message",
-    [(1, "all 3481 strips/tiles point at one offset; not a slide"), (2, r"declares 10\.1 GiB of pixels but stores only")],
+    [
+        (1, "all 3481 strips/tiles point at one offset; not a slide"),
+        (2, r"declares 10\.1 GiB of pixels but stores only"),
+    ],
 )
 def test_forged_huge_tiff_is_refused_fast(tmp_path: Path, distinct: int, message: str) -> None:
     path = tmp_path / "forged.tif"
@@ -265,7 +268,7 @@ def test_huge_png_is_refused_before_decoding(tmp_path: Path) -> None:
 
 
 def _correlations(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """(3, 3) correlation coefficients of ``image`` shifted by -1, 0, 1 working px (rows, columns) with ``reference``."""
+    """(3, 3) correlations of ``image`` shifted by -1, 0, 1 working px (rows, columns) with ``reference``."""
     h, w = image.shape
     out = np.empty((3, 3))
     for i, dr in enumerate((-1, 0, 1)):

@@ -194,7 +194,9 @@ def _resample_to_working(
         image = convert_to_tensor(GaussianSmooth(sigma=sigma.tolist())(image), track_meta=False)
     size = np.asarray(image.shape[1:], dtype=np.float64)
     # grid_sample's normalised coordinates, align_corners=True: -1 and 1 are the centres of the first and last pixel
-    normalised = [torch.as_tensor(p / np.maximum(n - 1, 1) * 2 - 1, dtype=torch.float32) for p, n in zip(positions, size)]
+    normalised = [
+        torch.as_tensor(p / np.maximum(n - 1, 1) * 2 - 1, dtype=torch.float32) for p, n in zip(positions, size)
+    ]
     rows, columns = torch.meshgrid(*normalised, indexing="ij")
     grid = torch.stack([columns, rows], dim=-1)[None]
     return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]

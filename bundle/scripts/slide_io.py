@@ -27,7 +27,16 @@ from PIL import Image
 from .errors import RegistrationInputError
 from .slide_image import ArraySlide
 
-__all__ = ["MAX_DECODED_PIXELS", "check_decodable", "read_slide", "read_landmarks", "write_landmarks", "write_png", "write_slide", "atomic_path"]
+__all__ = [
+    "MAX_DECODED_PIXELS",
+    "check_decodable",
+    "read_slide",
+    "read_landmarks",
+    "write_landmarks",
+    "write_png",
+    "write_slide",
+    "atomic_path",
+]
 
 _PIL_SUFFIXES = (".jpg", ".jpeg", ".png")
 _TIFF_SUFFIXES = (".tif", ".tiff")

@@ -1,8 +1,8 @@
 """Opening a slide of any supported format as a :class:`SlideImage`, and reading it whole at a reduced resolution.
 
-TIFF-family slides (``.tif``/``.tiff`` incl. OME-TIFF, BigTIFF ``.btf``, Aperio ``.svs``, Hamamatsu ``.ndpi``) are opened
-through ``tifffile``'s pyramid access (``series[0].levels``, which includes an OME-TIFF's SubIFD pyramid) and read
-segment by segment (strip or tile): a region decodes only the segments it overlaps, with tifffile's own
+TIFF-family slides (``.tif``/``.tiff`` incl. OME-TIFF, BigTIFF ``.btf``, Aperio ``.svs``, Hamamatsu ``.ndpi``) are
+opened through ``tifffile``'s pyramid access (``series[0].levels``, which includes an OME-TIFF's SubIFD pyramid) and
+read segment by segment (strip or tile): a region decodes only the segments it overlaps, with tifffile's own
 ``TiffPage.decode``, as tifffile's zarr store does per chunk. JPG, PNG and small single-level TIFFs are decoded whole
 into an :class:`ArraySlide`, as before.
 
@@ -143,7 +143,8 @@ class TiffSlide(SlideImage):
         if keyframe.samplesperpixel not in (1, 2, 3, 4):
             raise RegistrationInputError(
                 self.path,
-                f"unsupported channel count {keyframe.samplesperpixel} (expected 1 grey, 2 grey+alpha, 3 RGB or 4 RGBA)",
+                f"unsupported channel count {keyframe.samplesperpixel} "
+                "(expected 1 grey, 2 grey+alpha, 3 RGB or 4 RGBA)",
             )
         if keyframe.imagedepth != 1:
             raise RegistrationInputError(self.path, f"a volume of depth {keyframe.imagedepth} is not a slide")
@@ -379,7 +380,8 @@ def _tag_microns_per_pixel(page: tifffile.TiffPage) -> tuple[float, float] | Non
     x_resolution, y_resolution = page.tags.valueof("XResolution"), page.tags.valueof("YResolution")
     if unit is None or not x_resolution or not y_resolution:
         return None
-    per_unit = [numerator / denominator if denominator else 0.0 for numerator, denominator in (y_resolution, x_resolution)]
+    rationals = (y_resolution, x_resolution)  # (numerator, denominator) pixels per unit; rows are along Y
+    per_unit = [numerator / denominator if denominator else 0.0 for numerator, denominator in rationals]
     if min(per_unit) <= 0:
         return None
     mpp = (unit / per_unit[0], unit / per_unit[1])
