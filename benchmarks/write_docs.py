@@ -25,6 +25,7 @@ BENCHMARKS = (
     ("anhir-benchmark", "ANHIR landmarks: bundle vs elastix", "benchmarks/run_benchmark.py"),
     ("synthetic-benchmark", "Synthetic deformations with a known field", "benchmarks/synthetic_benchmark.py"),
     ("scaling-benchmark", "Scaling with the working resolution", "benchmarks/scaling_benchmark.py"),
+    ("wsi-read-benchmark", "Reading whole slides at the working resolution", "benchmarks/wsi_read_benchmark.py"),
 )
 
 

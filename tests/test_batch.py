@@ -288,7 +288,7 @@ def test_warped_landmark_files(inputs, batch):
     # The files agree with the saved field: mapping the warped source landmarks back through the transform rebuilt
     # from the NIfTI and its sidecar returns the source landmarks.
     sidecar = json.loads((batch.pair / "displacement-field.json").read_text())
-    geometry = PairGeometry(**{key: tuple(value) for key, value in sidecar["geometry"].items()})
+    geometry = PairGeometry.from_dict(sidecar["geometry"])
     field = torch.from_numpy(np.asarray(nib.load(batch.pair / "displacement-field.nii").dataobj))
     transform = SlideTransform(
         geometry, torch.tensor(sidecar["affine_working_pixels"]), field[:, :, 0, 0].permute(2, 0, 1)[None].contiguous()

@@ -16,8 +16,8 @@ from skimage import data
 from skimage.color import rgb2gray
 
 from scripts.errors import RegistrationInputError
+from scripts.slide_image import ArraySlide
 from scripts.slide_io import (
-    Slide,
     atomic_path,
     read_landmarks,
     read_slide,
@@ -114,7 +114,7 @@ def test_read_slide_formats(tmp_path: Path, name: str) -> None:
 
     slide = read_slide(path)
 
-    assert isinstance(slide, Slide)
+    assert isinstance(slide, ArraySlide)
     assert slide.pixels.shape == (HEIGHT, WIDTH, expected.shape[-1])
     assert slide.pixels.dtype == np.float32
     assert 0.0 <= slide.pixels.min() and slide.pixels.max() <= 1.0

@@ -32,7 +32,9 @@ from .affine import affine_to_field
 from .output_lock import OutputFolderLock, OutputFolderLocked
 from .registration import SlidePairRegistration
 from .sharding import Shard
-from .slide_io import atomic_path, read_landmarks, read_slide, write_landmarks, write_slide
+from .slide_image import ArraySlide
+from .slide_io import atomic_path, read_landmarks, write_landmarks, write_slide
+from .slide_reader import open_slide
 from .transform import SlideTransform
 from .visualise import save_stage_panels
 
@@ -303,8 +305,8 @@ class BatchRegistration:
 
     def _register(self, pair: PairRow) -> tuple[dict[str, str], dict[str, PairScores]]:
         started = time.perf_counter()
-        target = read_slide(pair.image_path(TARGET_IMAGE))
-        source = read_slide(pair.image_path(SOURCE_IMAGE))
+        target = open_slide(pair.image_path(TARGET_IMAGE))
+        source = open_slide(pair.image_path(SOURCE_IMAGE))
         target_landmarks = self._landmarks(pair, TARGET_LANDMARKS)
         source_landmarks = self._landmarks(pair, SOURCE_LANDMARKS)
         loading = time.perf_counter() - started
@@ -320,12 +322,14 @@ class BatchRegistration:
         try:
             started = time.perf_counter()
             suffix = ".png" if source.bit_depth == 8 else ".tif"
-            write_slide(staging / f"warped-source{suffix}", transform.warp_source(source.pixels), source.bit_depth)
+            # only a slide held in memory is warped whole; whole slides get the tiled writer (issue 12, part 3)
+            if isinstance(source, ArraySlide):
+                write_slide(staging / f"warped-source{suffix}", transform.warp_source(source.pixels), source.bit_depth)
             # uncompressed: gzip shrinks a float32 field by about 10 % and took 0.1 s per sample pair
             transform.save_field(staging / "displacement-field.nii")
             transform.save_itk_field(staging / "displacement-field-itk.mha")
             outputs = {
-                WARPED_SOURCE_IMAGE: f"{pair.name}/warped-source{suffix}",
+                WARPED_SOURCE_IMAGE: f"{pair.name}/warped-source{suffix}" if isinstance(source, ArraySlide) else "",
                 DISPLACEMENT_FIELD: f"{pair.name}/displacement-field.nii",
                 ITK_DISPLACEMENT_FIELD: f"{pair.name}/displacement-field-itk.mha",
                 WARPED_SOURCE_LANDMARKS: "",
@@ -347,7 +351,7 @@ class BatchRegistration:
             for stage in STAGES:
                 save_stage_panels(staging, stage, result.fixed, result.stages[stage])
             timings["outputs"] = time.perf_counter() - started
-            scores = self._scores(warped_source_landmarks, target_landmarks, target.pixels.shape[:2])
+            scores = self._scores(warped_source_landmarks, target_landmarks, target.shape)
             record = {
                 "source": str(pair.image_path(SOURCE_IMAGE)),
                 "target": str(pair.image_path(TARGET_IMAGE)),
@@ -361,6 +365,8 @@ class BatchRegistration:
             self._publish(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            source.close()
+            target.close()
         return outputs, scores
 
     @staticmethod

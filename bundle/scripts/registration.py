@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,10 +13,13 @@ from monai.networks.blocks import Warp
 
 from .affine import affine_to_field
 from .nonrigid import PatchPyramidRegistration
-from .preprocess import PairGeometry, require_tissue, tissue_image, to_working_grid
+from .preprocess import PairGeometry, require_tissue, working_image
 from .quality import RegistrationQuality
-from .slide_io import Slide
+from .slide_image import ArraySlide, SlideImage
+from .slide_reader import read_downsampled
 from .transform import SlideTransform
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,14 +76,27 @@ class SlidePairRegistration:
         importlib.import_module("torch._dynamo")
 
     @torch.inference_mode()
-    def __call__(self, source: Slide, target: Slide) -> PairRegistration:
+    def __call__(self, source: SlideImage, target: SlideImage) -> PairRegistration:
+        """Register ``source`` onto ``target``, each read only at the working resolution (never decoded whole).
+
+        Slides whose microns per pixel differ are registered at the same physical scale (the finer one is resampled
+        to the coarser one's pixel size); ``transform.geometry`` records both pixel sizes and the zooms.
+        """
         timings: dict[str, float] = {}
         start = time.perf_counter()
         for slide in (target, source):  # before any work: too small or no tissue is the user's to fix, named
-            require_tissue(slide.pixels, slide.path, self.working_size)
-        geometry = PairGeometry.create(target.pixels.shape[:2], source.pixels.shape[:2], self.working_size)
-        fixed = to_working_grid(tissue_image(target.pixels), geometry)[None].to(self.device)
-        moving = to_working_grid(tissue_image(source.pixels), geometry)[None].to(self.device)
+            pixels = slide.pixels if isinstance(slide, ArraySlide) else read_downsampled(
+                slide, max(1.0, max(slide.shape) / self.working_size)
+            ).pixels
+            require_tissue(pixels, slide.path, self.working_size)
+        geometry = PairGeometry.create(target.shape, source.shape, self.working_size, target.mpp, source.mpp)
+        if geometry.target_zoom != geometry.source_zoom:
+            logger.info(
+                f"{source.path} ({source.mpp} um/px) and {target.path} ({target.mpp} um/px) registered at one physical "
+                f"scale: zoom {geometry.source_zoom} and {geometry.target_zoom} before the working grid"
+            )
+        fixed = working_image(target, geometry, "target")[None].to(self.device)
+        moving = working_image(source, geometry, "source")[None].to(self.device)
         _require_finite("preprocessing", target_image=fixed, source_image=moving)
         timings["preprocessing"] = self._lap(start)
 

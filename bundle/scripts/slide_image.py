@@ -24,10 +24,13 @@ class SlideLevel:
     Attributes:
         shape: (rows, columns) in pixels of this level.
         downsample: (rows, columns) level-0 pixels per pixel of this level (1.0 for level 0).
+        tile_shape: (rows, columns) of the blocks the file stores this level in (a strip is a tile of the full width),
+            so that reads can be aligned to them; None where the level is held in memory.
     """
 
     shape: tuple[int, int]
     downsample: tuple[float, float]
+    tile_shape: tuple[int, int] | None = None
 
 
 class SlideImage(ABC):
@@ -67,6 +70,15 @@ class SlideImage(ABC):
                 level, (top, bottom), (left, right)
             )
         return out
+
+    def close(self) -> None:
+        """Release the file the slide reads from; nothing to release for a slide held in memory."""
+
+    def __enter__(self) -> SlideImage:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     @abstractmethod
     def _read(self, level: int, rows: tuple[int, int], columns: tuple[int, int]) -> np.ndarray:

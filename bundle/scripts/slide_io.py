@@ -1,6 +1,7 @@
 """Reading and writing histology slides and their ANHIR landmark files.
 
-Slides are held as (H, W, C) float32 arrays in [0, 1] with C = 1 (greyscale) or 3 (RGB); landmarks as (N, 2)
+Images decoded whole (JPG, PNG, small flat TIFF) are held as :class:`ArraySlide`, (H, W, C) float32 in [0, 1] with
+C = 1 (greyscale) or 3 (RGB); whole-slide files are opened lazily by :mod:`.slide_reader`. Landmarks are (N, 2)
 float64 arrays of [X, Y] = [column, row] pixel coordinates with the origin at the top-left pixel, as in the
 ANHIR / BIRL CSV files. Every problem with a user-supplied file raises :class:`RegistrationInputError`.
 """
@@ -17,7 +18,6 @@ import stat
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import imagecodecs
@@ -29,10 +29,12 @@ from monai.transforms import LoadImage
 from PIL import Image
 
 from .errors import RegistrationInputError
+from .slide_image import ArraySlide
 
 __all__ = [
     "MAX_TEXT_FILE_BYTES",
-    "Slide",
+    "MAX_DECODED_PIXELS",
+    "check_decodable",
     "atomic_path",
     "read_landmarks",
     "read_slide",
@@ -66,27 +68,10 @@ _PIL_BIT_DEPTHS = {"L": 8, "LA": 8, "RGB": 8, "RGBA": 8, "I;16": 16, "I;16L": 16
 # TIFF colour models read as they are; tifffile decodes JPEG-compressed YCbCr to RGB.
 _TIFF_PHOTOMETRICS = (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@dataclass(frozen=True)
-class Slide:
-    """A slide image as read from disk.
-
-    Attributes:
-        pixels: (H, W, C) float32 in [0, 1]; C = 1 (greyscale) or 3 (RGB); transparency already composited over white.
-        bit_depth: 8 or 16, the bits per sample the file stored, so outputs can be written back at the same depth.
-        path: the file it was read from, as the caller gave it.
-    """
-
-    pixels: np.ndarray
-    bit_depth: int
-    path: str
-
-    def __post_init__(self) -> None:
-        if self.pixels.ndim != 3 or self.pixels.shape[-1] not in (1, 3) or self.pixels.dtype != np.float32:
-            raise ValueError(f"pixels must be (H, W, 1 or 3) float32, got {self.pixels.shape} {self.pixels.dtype}.")
-        if self.bit_depth not in (8, 16):
-            raise ValueError(f"bit_depth must be 8 or 16, got {self.bit_depth}.")
+# Largest image decoded whole: held as float32 it takes 12 bytes per RGB pixel, and the registration and the flat
+# warped output hold a few copies (an 8,000 x 6,600 pair peaked at 6.1 GB). Larger images must be tiled TIFFs, which
+# are read region by region (slide_reader.py).
+MAX_DECODED_PIXELS = 8192 * 8192
 
 
 @contextmanager
@@ -118,8 +103,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
-def read_slide(path: PathLike) -> Slide:
-    """Read a JPG, PNG or TIFF slide, 8- or 16-bit, greyscale or RGB, with or without alpha.
+def read_slide(path: PathLike) -> ArraySlide:
+    """Read a JPG, PNG or TIFF image whole, 8- or 16-bit, greyscale or RGB, with or without alpha.
 
     Samples are scaled by their type's range (uint8 / 255, uint16 / 65535); float TIFFs are clipped to [0, 1] and
     recorded as 16-bit. Alpha is composited over white, because the background of a brightfield slide is white.
@@ -129,10 +114,12 @@ def read_slide(path: PathLike) -> Slide:
     Args:
         path: the image file.
     Returns:
-        the slide, pixels (H, W, C) float32 in [0, 1] with C = 1 or 3.
+        the slide in memory, pixels (H, W, C) float32 in [0, 1] with C = 1 or 3; microns per pixel are not read
+        (:func:`.slide_reader.open_slide` reads them).
     Raises:
         RegistrationInputError: the file is missing, a directory, of an unsupported format, unreadable, empty,
-            blank (all pixels equal) or has an unsupported pixel type or channel count.
+            larger than ``MAX_DECODED_PIXELS``, blank (all pixels equal) or has an unsupported pixel type or
+            channel count.
     """
     file = _existing_file(path)
     suffix = file.suffix.lower()
@@ -147,7 +134,7 @@ def read_slide(path: PathLike) -> Slide:
     # every pixel equal to the first: a tenth of the time of per-channel minima and maxima over the (H, W) axes
     if not (pixels != pixels[0, 0]).any():
         raise RegistrationInputError(path, "image is blank (all pixels equal)")
-    return Slide(pixels=pixels, bit_depth=bit_depth, path=str(path))
+    return ArraySlide(pixels, bit_depth, str(path))
 
 
 def write_slide(path: PathLike, pixels: np.ndarray, bit_depth: int) -> None:
@@ -341,6 +328,8 @@ def _read_pil(file: Path) -> tuple[np.ndarray, int]:
         raise RegistrationInputError(
             file, "16-bit colour PNG is not supported (Pillow reduces it to 8 bits); save it as a 16-bit TIFF"
         )
+    with Image.open(file) as header:  # the header only: refuse before decoding
+        check_decodable(file, header.size[1], header.size[0])
     # The reader is passed again at call time because otherwise LoadImage falls back to its ITK, NumPy and
     # nibabel readers when Pillow fails, hiding Pillow's error and possibly changing the axis order.
     image = _LOAD_IMAGE(file, reader=_PIL_READER)
@@ -366,10 +355,27 @@ def _read_tiff(file: Path) -> tuple[np.ndarray, int]:
         page = tiff.series[0].levels[0].keyframe
         if page.photometric not in _TIFF_PHOTOMETRICS:
             raise RegistrationInputError(file, f"unsupported TIFF photometric interpretation {page.photometric.name}")
+        check_decodable(file, page.imagelength, page.imagewidth)
         samples, axes = page.asarray(), page.axes
     if "S" in axes:  # planar-configured colour is stored channel-first
         samples = np.moveaxis(samples, axes.index("S"), -1)
     return _scale_to_unit(samples, file)
+
+
+def check_decodable(path: PathLike, height: int, width: int) -> None:
+    """Refuse an image of ``height`` x ``width`` px that is too large to decode whole, before decoding it.
+
+    Raises:
+        RegistrationInputError: more than ``MAX_DECODED_PIXELS`` pixels, naming the size and what it would take.
+    """
+    if height * width > MAX_DECODED_PIXELS:
+        gib = height * width * 3 * 4 / 2**30
+        raise RegistrationInputError(
+            path,
+            f"{width} x {height} px is too large to read whole (about {gib:.1f} GiB as float RGB, limit "
+            f"{MAX_DECODED_PIXELS / 1e6:.0f} megapixels); save it as a tiled pyramidal TIFF (e.g. `vips tiffsave "
+            "IN OUT.tif --tile --pyramid --compression jpeg`), which is read region by region",
+        )
 
 
 def _scale_to_unit(samples: np.ndarray, file: Path) -> tuple[np.ndarray, int]:

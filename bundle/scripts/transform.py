@@ -38,9 +38,10 @@ FIELD_CONVENTION = (
     "i = rows, j = columns; component 0 = rows, 1 = columns, in working pixels (MONAI's layout: channel k moves "
     "along axis k); NIfTI affine = identity (voxel index = working pixel). The components are index-space "
     "displacements, not RAS vectors: ITK reads them unchanged, with ITK index 0 = i = row and an LPS direction "
-    "diag(-1, -1); use the ITK field for physical-space tools. Original pixel p (row, column) of an image relates to "
-    "working pixel w by w = (p + offset + 0.5) * scale - 0.5 with the image's offset (target_offset / source_offset) "
-    "and scale = working_shape / common_shape from the geometry."
+    "diag(-1, -1); use the ITK field for physical-space tools. Level-0 pixel p (row, column) of a slide relates to "
+    "working pixel w by w = (p * zoom + (zoom - 1) / 2 + offset + 0.5) * scale - 0.5 with the slide's zoom and offset "
+    "(target_zoom / source_zoom: 1 unless the slides' microns per pixel differ; target_offset / source_offset) and "
+    "scale = working_shape / common_shape from the geometry."
 )
 ITK_FIELD_CONVENTION = (
     "ITK displacement field (MetaImage, 2-vectors of float32), target -> source: the target point (x, y) = "
@@ -106,6 +107,8 @@ class SlideTransform:
         scale = torch.as_tensor(self.geometry.scale, dtype=torch.float32, device=device)
         target_offset = torch.as_tensor(self.geometry.target_offset, dtype=torch.float32, device=device)
         source_offset = torch.as_tensor(self.geometry.source_offset, dtype=torch.float32, device=device)
+        target_zoom = torch.as_tensor(self.geometry.target_zoom, dtype=torch.float32, device=device)
+        source_zoom = torch.as_tensor(self.geometry.source_zoom, dtype=torch.float32, device=device)
         field_shape = torch.as_tensor(self.field.shape[-2:], dtype=torch.float32, device=device)
         source_shape = torch.as_tensor(self.geometry.source_shape, dtype=torch.float32, device=device)
         columns = torch.arange(width, dtype=torch.float32, device=device)
@@ -113,12 +116,12 @@ class SlideTransform:
         for start in range(0, height, band_rows):
             rows = torch.arange(start, min(start + band_rows, height), dtype=torch.float32, device=device)
             pixels = torch.stack(torch.meshgrid(rows, columns, indexing="ij"), dim=-1)  # (h, W, 2) target pixels
-            working = (pixels + target_offset + 0.5) * scale - 0.5
+            working = (pixels * target_zoom + (target_zoom - 1) / 2 + target_offset + 0.5) * scale - 0.5
             # field value at each target pixel: bilinear on the working grid (align_corners=True normalisation)
             norm = (working / (field_shape - 1).clamp(min=1) * 2 - 1).flip(-1)[None]
             displacement = F.grid_sample(self.field, norm, mode="bilinear", padding_mode="border", align_corners=True)
             moved = working + displacement[0].permute(1, 2, 0)
-            source_pixels = (moved + 0.5) / scale - 0.5 - source_offset
+            source_pixels = ((moved + 0.5) / scale - 0.5 - source_offset - (source_zoom - 1) / 2) / source_zoom
             norm = (source_pixels / (source_shape - 1).clamp(min=1) * 2 - 1).flip(-1)[None]
             bands.append(F.grid_sample(inverted, norm, mode="bilinear", padding_mode="zeros", align_corners=True))
         warped = 1.0 - torch.cat(bands, dim=2)[0].permute(1, 2, 0)
