@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_bundle_commands import BUNDLE, small_pair  # noqa: F401 (a fixture: the sample kidney pair at 30 %)
+from test_bundle_commands import BUNDLE  # small_pair, the sample kidney pair at 30 %, is in conftest.py
 
 from scripts.batch import ExitCode
 

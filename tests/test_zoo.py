@@ -24,7 +24,6 @@ from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_
 from scripts import exit_on_usage_error, load_weights
 from scripts.errors import RegistrationInputError
 from scripts.usage import USAGE_EXIT_STATUS, UsageError
-from test_bundle_commands import small_pair  # noqa: F401 (the fixture: the kidney pair at 30 %)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundle"
