@@ -18,6 +18,7 @@ from .errors import RegistrationInputError
 from .metrics import PairScores, image_diagonal, score_pair, summarise
 from .affine import affine_to_field
 from .registration import SlidePairRegistration
+from .slide_image import ArraySlide
 from .slide_io import atomic_path, read_landmarks, read_slide, write_landmarks, write_slide
 from .transform import SlideTransform
 from .visualise import save_stage_panels
@@ -115,7 +116,8 @@ class BatchRegistration:
         try:
             started = time.perf_counter()
             suffix = ".png" if source.bit_depth == 8 else ".tif"
-            write_slide(staging / f"warped-source{suffix}", transform.warp_source(source.pixels), source.bit_depth)
+            source_slide = ArraySlide(source.pixels, source.bit_depth, source.path)
+            write_slide(staging / f"warped-source{suffix}", transform.warp_source(source_slide), source.bit_depth)
             # uncompressed: gzip shrinks a float32 field by about 10 % and took 0.1 s per sample pair
             transform.save_field(staging / "displacement-field.nii")
             outputs = {

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .fields import identity_grid, invert_points, sample_field
 from .preprocess import PairGeometry
+from .slide_image import SlideImage
 from .slide_io import atomic_path
+from .errors import RegistrationInputError
+
+# the files of a pair folder that SlideTransform.load reads (run inference writes them)
+REGISTRATION_RECORD = "registration.json"
+DISPLACEMENT_FIELD_FILE = "displacement-field.nii"
+# working pixels inverted per fixed-point solve in SlideTransform.inverse, bounding its memory
+_INVERSION_CHUNK = 1 << 18
+
+# tiles of the flat (whole-array) warp: large, since the whole output is in memory anyway
+_FLAT_TILE = 2048
+# a tile whose source region exceeds this many times its own pixel count is warped in quarters
+_MAX_REGION_TILES = 16
 
 FIELD_CONVENTION = (
     "Pull (backward) displacement on the working grid of the target: a working pixel x (row, column) of the target "
@@ -28,6 +41,11 @@ FIELD_CONVENTION = (
 @dataclass
 class SlideTransform:
     """Target-to-source mapping of a registered pair.
+
+    Public use: :meth:`load` a saved registration folder, then map points with :meth:`target_to_source` /
+    :meth:`source_to_target` ([X, Y] level-0 pixels), warp a source slide onto the target's grid with
+    :meth:`warp_tiles` (tile by tile, any size) or :meth:`warp_source` (one array), and target slides onto the
+    source's grid with the same methods of :meth:`inverse`.
 
     Attributes:
         geometry: original <-> working pixel relation of both slides.
@@ -52,48 +70,192 @@ class SlideTransform:
         fixed-point iteration.
         """
         working = torch.as_tensor(self.geometry.to_working(points[:, ::-1], "source"), dtype=torch.float32)
+        moved = self._invert_working(working)
+        return self.geometry.from_working(moved.double().numpy(), "target")[:, ::-1].copy()
+
+    def _invert_working(self, working: torch.Tensor) -> torch.Tensor:
+        """(N, 2) (row, column) source working positions -> the target working positions that pull from them."""
         linear, shift = self.affine[:, :2].double().cpu(), self.affine[:, 2].double().cpu()
         inverse = torch.linalg.inv(linear)
-        unaffine = ((working.double() - shift) @ inverse.T).float()
         grid = identity_grid(tuple(self.field.shape[-2:]), self.field.device)
         positions = (grid + self.field).squeeze(0).flatten(1).t().double().cpu()  # (h*w, 2) source working positions
         residual = ((positions - shift) @ inverse.T).float().t().reshape(self.field.shape) - grid.cpu()
-        moved = invert_points(residual, unaffine)
-        return self.geometry.from_working(moved.double().numpy(), "target")[:, ::-1].copy()
+        unaffine = ((working.double() - shift) @ inverse.T).float()
+        return torch.cat([invert_points(residual, chunk) for chunk in unaffine.split(_INVERSION_CHUNK)])
 
-    def warp_source(self, source: np.ndarray, band_rows: int = 512) -> np.ndarray:
-        """Resample the original-resolution source onto the target's original pixel grid, once.
+    def inverse(self) -> SlideTransform:
+        """The transform of the swapped pair (source as target): warps target images onto the source's grid.
+
+        Its field is the inverse of this one on the (shared) working grid, solved at every working pixel by the
+        fixed-point iteration of :meth:`source_to_target`; its affine is the exact inverse. Its point mappings are
+        this one's, swapped, to the inversion's tolerance.
+        """
+        height, width = self.field.shape[-2:]
+        grid = identity_grid((height, width))
+        points = grid[0].flatten(1).t()  # (h*w, 2) working pixels of the source
+        moved = self._invert_working(points)
+        field = moved.t().reshape(1, 2, height, width) - grid
+        linear, shift = self.affine[:, :2].double().cpu(), self.affine[:, 2].double().cpu()
+        inverse = torch.linalg.inv(linear)
+        affine = torch.cat([inverse, -(inverse @ shift)[:, None]], 1).to(self.affine)
+        return SlideTransform(_swapped(self.geometry), affine, field.to(self.field))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SlideTransform:
+        """The transform a registration saved: the pair folder ``run inference`` writes, no network needed.
+
+        Reads the geometry and the affine from ``registration.json`` and the total field from
+        ``displacement-field.nii`` (working grid; components on NIfTI's 4th axis, (h, w, 1, 2), or as a vector image
+        on the 5th, (h, w, 1, 1, 2)).
+
+        Raises:
+            RegistrationInputError: a file is missing, unreadable or inconsistent with the others.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise RegistrationInputError(folder, "not a registration folder (run inference writes one per pair)")
+        record_path = folder / REGISTRATION_RECORD
+        try:
+            record = json.loads(record_path.read_text())
+            geometry = PairGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["geometry"].items()})
+            affine = torch.tensor(record["affine_working_pixels"], dtype=torch.float32)
+        except FileNotFoundError:
+            raise RegistrationInputError(record_path, "not found: not a registration folder") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise RegistrationInputError(record_path, f"cannot be read as a registration record: {error!r}") from error
+        if affine.shape != (2, 3):
+            raise RegistrationInputError(record_path, f"affine_working_pixels is {tuple(affine.shape)}, not (2, 3)")
+        field_path = folder / DISPLACEMENT_FIELD_FILE
+        try:
+            data = np.asarray(nib.load(str(field_path)).dataobj, dtype=np.float32)
+        except FileNotFoundError:
+            raise RegistrationInputError(field_path, "not found: the registration folder lacks its field") from None
+        except Exception as error:  # nibabel fails with many types for one meaning
+            raise RegistrationInputError(field_path, f"cannot be read as NIfTI: {error}") from error
+        expected = tuple(geometry.working_shape)
+        if data.shape[:2] != expected or data.shape[2:] not in ((1, 2), (1, 1, 2)):
+            raise RegistrationInputError(
+                field_path, f"field array is {data.shape}; expected {(*expected, 1, 2)} or {(*expected, 1, 1, 2)}"
+            )
+        if not np.isfinite(data).all():
+            raise RegistrationInputError(field_path, "field contains NaN or infinite values")
+        field = torch.from_numpy(data.reshape(*expected, 2)).permute(2, 0, 1)[None].contiguous()
+        return cls(geometry, affine, field)
+
+    def output_shape(self, output_level: int = 0) -> tuple[int, int]:
+        """(rows, columns) of the target grid at ``output_level``: level 0 halved ``output_level`` times (ceil)."""
+        factor = 2**output_level
+        return tuple(-(-size // factor) for size in self.geometry.target_shape)
+
+    def warp_tiles(
+        self, source: SlideImage, output_level: int = 0, tile_size: int = 512, labels: bool = False
+    ) -> Iterator[np.ndarray]:
+        """The source resampled once onto the target's grid, tile by tile, reading only the regions tiles pull from.
+
+        For each output tile the working-grid field is interpolated at the tile's pixels, the source region those
+        pixels pull from (their bounding box plus the interpolation's neighbours) is read through
+        ``source.read_region`` at the finest source level no finer than the output's pixels, and resampled once. Every
+        output pixel's value depends only on its own position, never on the tiling: tiles join without seams and equal
+        a whole-image warp. Memory is the field plus a few tiles and their source regions; a tile whose region would be
+        much larger than the tile (a strongly shrinking or folding field) is split into quarters.
 
         Args:
-            source: (Hs, Ws, C) float in [0, 1], white background.
-            band_rows: target rows resampled at a time; bounds memory for large slides.
-        Returns:
-            (Ht, Wt, C) float32; where the source has no data the result is white (glass).
+            source: the source slide (level-0 shape ``geometry.source_shape``).
+            output_level: the output grid is the target's level 0 halved this many times (:meth:`output_shape`).
+            tile_size: output tile side, px.
+            labels: nearest-neighbour for label images (masks), outside the source reads 0; else bilinear, outside
+                the source reads white (glass).
+        Yields:
+            (h, w, C) float32 tiles in [0, 1], row-major over the tile grid of :meth:`output_shape`, edge tiles
+            cropped.
         """
-        height, width = self.geometry.target_shape
-        device = self.field.device
-        # 1 - image so that zero padding outside the source reads as white glass
-        inverted = 1.0 - torch.as_tensor(source, dtype=torch.float32, device=device).permute(2, 0, 1)[None]
-        scale = torch.as_tensor(self.geometry.scale, dtype=torch.float32, device=device)
-        target_offset = torch.as_tensor(self.geometry.target_offset, dtype=torch.float32, device=device)
-        source_offset = torch.as_tensor(self.geometry.source_offset, dtype=torch.float32, device=device)
-        field_shape = torch.as_tensor(self.field.shape[-2:], dtype=torch.float32, device=device)
-        source_shape = torch.as_tensor(self.geometry.source_shape, dtype=torch.float32, device=device)
-        columns = torch.arange(width, dtype=torch.float32, device=device)
-        bands = []
-        for start in range(0, height, band_rows):
-            rows = torch.arange(start, min(start + band_rows, height), dtype=torch.float32, device=device)
-            pixels = torch.stack(torch.meshgrid(rows, columns, indexing="ij"), dim=-1)  # (h, W, 2) target pixels
-            working = (pixels + target_offset + 0.5) * scale - 0.5
-            # field value at each target pixel: bilinear on the working grid (align_corners=True normalisation)
-            norm = (working / (field_shape - 1).clamp(min=1) * 2 - 1).flip(-1)[None]
-            displacement = F.grid_sample(self.field, norm, mode="bilinear", padding_mode="border", align_corners=True)
-            moved = working + displacement[0].permute(1, 2, 0)
-            source_pixels = (moved + 0.5) / scale - 0.5 - source_offset
-            norm = (source_pixels / (source_shape - 1).clamp(min=1) * 2 - 1).flip(-1)[None]
-            bands.append(F.grid_sample(inverted, norm, mode="bilinear", padding_mode="zeros", align_corners=True))
-        warped = 1.0 - torch.cat(bands, dim=2)[0].permute(1, 2, 0)
-        return warped.clamp(0, 1).cpu().numpy()
+        if tuple(source.shape) != tuple(self.geometry.source_shape):
+            raise ValueError(f"source is {source.shape} px, the registration's source {self.geometry.source_shape}")
+        height, width = self.output_shape(output_level)
+        level = self._source_level(source, 2**output_level)
+        for top in range(0, height, tile_size):
+            for left in range(0, width, tile_size):
+                rows = (top, min(top + tile_size, height))
+                columns = (left, min(left + tile_size, width))
+                yield self._warp_block(source, level, 2**output_level, rows, columns, labels)
+
+    def warp_source(self, source: SlideImage, output_level: int = 0, labels: bool = False) -> np.ndarray:
+        """The whole warped source as one array (:meth:`warp_tiles` assembled): for small slides and flat outputs.
+
+        Returns:
+            (*output_shape(output_level), C) float32 in [0, 1].
+        """
+        height, width = self.output_shape(output_level)
+        warped = np.empty((height, width, source.channels), dtype=np.float32)
+        tiles = self.warp_tiles(source, output_level, _FLAT_TILE, labels)
+        for top in range(0, height, _FLAT_TILE):
+            for left in range(0, width, _FLAT_TILE):
+                tile = next(tiles)
+                warped[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
+        return warped
+
+    def _source_level(self, source: SlideImage, output_downsample: int) -> int:
+        """The coarsest source level whose pixels are no larger than the source extent of one output pixel."""
+        corners = self.geometry.from_working(self.geometry.to_working(np.array([[0.0, 0.0], [1.0, 1.0]]), "target"), "source")
+        source_per_target = float(np.min(np.abs(corners[1] - corners[0])))
+        needed = output_downsample * source_per_target * (1 + 1e-6)
+        fitting = [i for i, level in enumerate(source.levels) if max(level.downsample) <= needed]
+        return fitting[-1] if fitting else 0
+
+    def _warp_block(
+        self,
+        source: SlideImage,
+        level: int,
+        downsample: int,
+        rows: tuple[int, int],
+        columns: tuple[int, int],
+        labels: bool,
+    ) -> np.ndarray:
+        """Output pixels ``rows x columns`` (half-open) of the warped source, (h, w, C) float32."""
+        grid = np.stack(np.meshgrid(np.arange(*rows), np.arange(*columns), indexing="ij"), -1).reshape(-1, 2)
+        pulled = self._pull_positions(grid * downsample + (downsample - 1) / 2)  # level-0 target -> source px
+        level_downsample = np.asarray(source.levels[level].downsample)
+        positions = (pulled + 0.5) / level_downsample - 0.5  # (row, column) px of the source level
+        height, width = source.levels[level].shape
+        # the region holds every pixel a position reads, at most one pixel beyond the level: all white there
+        low = np.floor(positions.min(0)).astype(int)
+        high = np.floor(positions.max(0)).astype(int) + 2
+        start = np.clip(low, -1, [height, width])
+        stop = np.clip(high, start + 1, [height + 1, width + 1])
+        shape = (rows[1] - rows[0], columns[1] - columns[0])
+        if np.prod(stop - start) > _MAX_REGION_TILES * np.prod(shape) and min(shape) > 1:
+            return self._split_block(source, level, downsample, rows, columns, labels)
+        region = source.read_region(level, (int(start[0]), int(stop[0])), (int(start[1]), int(stop[1])))
+        if labels:
+            values = _nearest(region, positions, start)
+            outside = ((positions < -0.5) | (positions >= np.array([height, width]) - 0.5)).any(1)
+            values[outside] = 0.0
+        else:
+            values = _bilinear(region, positions, start)
+        return values.reshape(*shape, source.channels)
+
+    def _split_block(self, source, level, downsample, rows, columns, labels) -> np.ndarray:
+        """A block warped as four quarters, so that no region read is much larger than the block."""
+        middle_row, middle_column = (rows[0] + rows[1]) // 2, (columns[0] + columns[1]) // 2
+        halves = []
+        for row_range in ((rows[0], middle_row), (middle_row, rows[1])):
+            halves.append(
+                np.concatenate(
+                    [
+                        self._warp_block(source, level, downsample, row_range, column_range, labels)
+                        for column_range in ((columns[0], middle_column), (middle_column, columns[1]))
+                    ],
+                    axis=1,
+                )
+            )
+        return np.concatenate(halves, axis=0)
+
+    def _pull_positions(self, target_pixels: np.ndarray) -> np.ndarray:
+        """(N, 2) (row, column) level-0 target pixels -> the level-0 source positions they pull from, float64."""
+        working = self.geometry.to_working(target_pixels, "target")
+        points = torch.as_tensor(working, dtype=torch.float32, device=self.field.device)
+        displacement = sample_field(self.field, points).cpu().double().numpy()
+        return self.geometry.from_working(working + displacement, "source")
 
     def save_field(self, path: str | Path) -> None:
         """Write the total field as NIfTI (see ``FIELD_CONVENTION``) and the geometry beside it as JSON."""
@@ -111,3 +273,39 @@ class SlideTransform:
         }
         with atomic_path(sidecar) as tmp:
             tmp.write_text(json.dumps(description, indent=2))
+
+
+def _bilinear(region: np.ndarray, positions: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Bilinear values of a region read at ``start`` (row, column) at (N, 2) level positions; (N, C) float32.
+
+    Positions beyond the region take its edge pixels, which are white outside the level. The weights come from the
+    positions themselves, not from positions relative to the region, so that a pixel's value never depends on the
+    region (tile) it was computed in.
+    """
+    base = np.floor(positions)
+    fraction = (positions - base).astype(np.float32)
+    index = base.astype(np.intp) - start
+    limit = np.array(region.shape[:2]) - 1
+    r0, c0 = np.clip(index, 0, limit).T
+    r1, c1 = np.clip(index + 1, 0, limit).T
+    fr, fc = fraction[:, :1], fraction[:, 1:]
+    top = region[r0, c0] * (1 - fc) + region[r0, c1] * fc
+    bottom = region[r1, c0] * (1 - fc) + region[r1, c1] * fc
+    return top * (1 - fr) + bottom * fr
+
+
+def _nearest(region: np.ndarray, positions: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Nearest-pixel values (labels) of a region read at ``start`` at (N, 2) level positions; (N, C) float32."""
+    index = np.clip(np.floor(positions + 0.5).astype(np.intp) - start, 0, np.array(region.shape[:2]) - 1)
+    return region[index[:, 0], index[:, 1]]
+
+
+def _swapped(geometry: PairGeometry) -> PairGeometry:
+    """The geometry with the roles of target and source exchanged (every ``target_*`` / ``source_*`` field)."""
+    values = {field.name: getattr(geometry, field.name) for field in fields(geometry)}
+    swapped = {
+        name: values["source_" + name[7:]] if name.startswith("target_") else
+        values["target_" + name[7:]] if name.startswith("source_") else value
+        for name, value in values.items()
+    }
+    return PairGeometry(**swapped)
