@@ -167,7 +167,7 @@ def test_bad_files_are_refused(tmp_path, monkeypatch):
         "folder": "is not a regular file",
         "fifo": "is not a regular file",
         "features.geojson": "FeatureCollection without a 'features' array",
-        "number.geojson": "must be an object or an array",
+        "number.geojson": "GeoJSON must be an object or an array, not int",
         "feature.geojson": "feature 0: not a GeoJSON Feature object",
     }
     (tmp_path / "broken.geojson").write_text('{"type": "Feature", ')
