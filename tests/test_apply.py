@@ -11,20 +11,10 @@ import tifffile
 from PIL import Image
 
 from scripts.apply import ApplyRegistration
+from scripts.cover_table import PATH_COLUMNS, select_pairs
 from scripts.errors import RegistrationInputError
 from scripts.slide_io import read_landmarks, read_slide
 from test_bundle_commands import run_bundle, small_pair  # noqa: F401 (a fixture)
-
-
-@pytest.fixture(scope="module")
-def registered(small_pair, tmp_path_factory):  # noqa: F811
-    """The pair folder of `run inference` with the shipped model (quick settings)."""
-    out = tmp_path_factory.mktemp("registered")
-    run_bundle(
-        "inference", "--config_file", "configs/inference.yaml", "--pairs_csv", str(small_pair / "pairs.csv"),
-        "--working_size", "256", "--refine", "False", "--output_dir", str(out),
-    )
-    return out / "0_source_to_target"
 
 
 def _geojson_points(path, points_xy: np.ndarray) -> str:
@@ -40,20 +30,38 @@ def _geojson_points(path, points_xy: np.ndarray) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def registered(small_pair, tmp_path_factory):  # noqa: F811
+    """The pair folder of `run inference` with the shipped model (quick settings), asked for the pyramidal warped
+    source, with the source's annotations in the cover table."""
+    out = tmp_path_factory.mktemp("registered")
+    _geojson_points(out / "source.geojson", read_landmarks(small_pair / "source.csv"))
+    (out / "pairs.csv").write_text(
+        "Target image,Source image,Source landmarks,Target landmarks,Source annotations\n"
+        f"{small_pair}/target.png,{small_pair}/source.png,{small_pair}/source.csv,{small_pair}/target.csv,source.geojson\n"
+    )
+    run_bundle(
+        "inference", "--config_file", "configs/inference.yaml", "--pairs_csv", str(out / "pairs.csv"),
+        "--working_size", "256", "--refine", "False", "--pyramid_above", "0", "--output_dir", str(out),
+    )
+    return out / "0_source_to_target"
+
+
 def test_apply_forwards_and_inverse(registered, small_pair, tmp_path):  # noqa: F811
     source_points = read_landmarks(small_pair / "source.csv")
     annotations = _geojson_points(tmp_path / "cells.geojson", source_points)
     run_bundle(
         "apply", "--config_file", "configs/apply.yaml", "--registration", str(registered),
         "--images", str(small_pair / "source.png"), "--annotations", annotations,
-        "--landmarks", str(small_pair / "source.csv"), "--compression", "zlib", "--output_dir", str(tmp_path / "fwd"),
+        "--landmarks", str(small_pair / "source.csv"), "--output_dir", str(tmp_path / "fwd"),
     )
-    # the image: a pyramidal OME-TIFF whose level 0 is the warped source run inference wrote
+    # the image: the warped source run inference wrote (both JPEG-compressed pyramids of the same pixels)
     with tifffile.TiffFile(tmp_path / "fwd" / "source-warped.ome.tiff") as tiff:
         assert tiff.is_ome
         warped = tiff.series[0].levels[0].asarray()
-    inferred = read_slide(registered / "warped-source.png")
-    np.testing.assert_array_equal(warped, np.rint(inferred.pixels * 255))
+    with tifffile.TiffFile(registered / "warped-source.ome.tiff") as tiff:
+        np.testing.assert_array_equal(warped, tiff.series[0].levels[0].asarray())
+    assert warped.shape[:2] == read_slide(small_pair / "target.png").pixels.shape[:2]
     # the landmarks: as run inference mapped them
     mapped = read_landmarks(tmp_path / "fwd" / "source-mapped.csv")
     np.testing.assert_allclose(mapped, read_landmarks(registered / "warped-source-landmarks.csv"), atol=2e-3)
@@ -61,6 +69,11 @@ def test_apply_forwards_and_inverse(registered, small_pair, tmp_path):  # noqa: 
     features = json.loads((tmp_path / "fwd" / "cells-mapped.geojson").read_text())["features"]
     assert features[0]["properties"]["classification"] == {"name": "landmarks"} and features[1]["id"] == "tumour"
     np.testing.assert_allclose(np.array(features[0]["geometry"]["coordinates"]) - 0.5, mapped, atol=2e-3)
+    # and run inference mapped the cover table's annotations alike
+    results = (registered.parent / "registration-results.csv").read_text()
+    assert "Warped source annotations" in results and "0_source_to_target/warped-source-annotations.geojson" in results
+    by_inference = json.loads((registered / "warped-source-annotations.geojson").read_text())["features"]
+    assert by_inference == features
 
     # --inverse: target images, landmarks and annotations onto the source (in process: the command is the same code)
     ApplyRegistration(
@@ -104,3 +117,12 @@ def test_apply_label_masks_and_wrong_inputs(registered, small_pair, tmp_path):  
         ApplyRegistration(registered, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
+
+
+def test_annotation_options_of_a_single_pair(tmp_path):
+    columns, (row,) = select_pairs(None, "s.svs", "t.ome.tiff", None, None, "unused", source_annotations="s.geojson")
+    assert columns[-2:] == ["Target annotations", "Source annotations"]
+    assert row.path("Source annotations") == tmp_path.cwd() / "s.geojson" and row.path("Target annotations") is None
+    assert select_pairs(None, "s.svs", "t.ome.tiff", None, None, "unused")[0] == list(PATH_COLUMNS)
+    with pytest.raises(ValueError, match="--source_annotations/--target_annotations need --source/--target"):
+        select_pairs("pairs.csv", None, None, None, None, "unused", target_annotations="t.geojson")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from .annotations import map_geojson
 from .errors import RegistrationInputError
-from .pyramid_writer import write_pyramid
 from .slide_image import ArraySlide, SlideImage
 from .slide_io import atomic_path, read_landmarks, read_slide, write_landmarks
 from .transform import SlideTransform
@@ -85,7 +84,7 @@ class ApplyRegistration:
             # the inverse field on the source's working grid: computed once, for all images
             warper = transform.inverse() if self.inverse else transform
             for path in self.images:
-                outputs[str(path)] = str(self._warp(warper, path, from_frame, to_frame))
+                outputs[str(path)] = str(self._warp(warper, path, from_frame))
         for path in self.landmarks:
             mapping = transform.target_to_source if self.inverse else transform.source_to_target
             output = self._output(path, MAPPED_LANDMARKS_SUFFIX)
@@ -101,7 +100,7 @@ class ApplyRegistration:
             temporary.write_text(json.dumps(outputs, indent=2))
         return outputs
 
-    def _warp(self, warper: SlideTransform, path: Path, from_frame: str, to_frame: str) -> Path:
+    def _warp(self, warper: SlideTransform, path: Path, from_frame: str) -> Path:
         slide = _open_image(path)
         expected = tuple(warper.geometry.source_shape)
         if tuple(slide.shape) != expected:
@@ -110,21 +109,7 @@ class ApplyRegistration:
                 f"{expected[0]} x {expected[1]} px (apply maps images of the registered section only)"
             )
         output = self._output(path, WARPED_SUFFIX)
-        # PairGeometry records the slides' microns per pixel where their files state them
-        mpp = getattr(warper.geometry, "target_mpp", None)
-        if mpp is not None:
-            mpp = tuple(value * 2**self.output_level for value in mpp)
-        write_pyramid(
-            output,
-            warper.warp_tiles(slide, self.output_level, self.tile_size, self.labels),
-            warper.output_shape(self.output_level),
-            slide.channels,
-            slide.bit_depth,
-            mpp=mpp,
-            tile_size=self.tile_size,
-            compression=self.compression,
-            labels=self.labels,
-        )
+        warper.write_warped(output, slide, self.output_level, self.tile_size, self.labels, self.compression)
         return output
 
     def _output(self, path: Path, suffix: str) -> Path:

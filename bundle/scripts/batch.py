@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .cover_table import SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow
+from .annotations import map_geojson
+from .cover_table import (
+    SOURCE_ANNOTATIONS, SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_ANNOTATIONS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow,
+)
 from .errors import RegistrationInputError
 from .metrics import PairScores, image_diagonal, score_pair, summarise
 from .affine import affine_to_field
@@ -33,18 +36,23 @@ WARPED_SOURCE_IMAGE = "Warped source image"
 DISPLACEMENT_FIELD = "Displacement field"
 EXECUTION_TIME = "Execution time [minutes]"
 STATUS = "Status"
+# the source's annotations in the target's frame, and the target's in the source's (GeoJSON)
+WARPED_SOURCE_ANNOTATIONS = "Warped source annotations"
+WARPED_TARGET_ANNOTATIONS = "Warped target annotations"
 RESULT_COLUMNS = (
     WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS, WARPED_SOURCE_LANDMARKS_AFFINE, WARPED_SOURCE_IMAGE,
-    DISPLACEMENT_FIELD, EXECUTION_TIME, STATUS,
+    DISPLACEMENT_FIELD, EXECUTION_TIME, STATUS, WARPED_SOURCE_ANNOTATIONS, WARPED_TARGET_ANNOTATIONS,
 )
 STAGES = ("initial", "affine", "nonrigid")
+# long side (px) of a target above which the warped source is a tiled pyramidal OME-TIFF rather than one flat image
+PYRAMID_ABOVE = 8192
 
 
 class BatchRegistration:
     """Registers the pairs of a cover table into ``output_dir``; a failed pair is recorded and the run goes on.
 
     Per pair, ``<output_dir>/<pair name>/`` receives the warped source (target's original grid, colour, source's bit
-    depth), the displacement field (NIfTI + JSON convention), the warped landmarks when landmark files are given,
+    depth), the displacement field (NIfTI + JSON convention), the warped landmarks and annotations (GeoJSON) when given,
     checkerboard and overlay PNGs of each stage and ``registration.json`` (timings, affine, landmark scores). The pair
     folder is assembled under a hidden name and renamed into place, so it is either complete or absent. Beside them:
     ``registration-results.csv`` (the cover table plus the result columns, rewritten after every pair) and
@@ -54,14 +62,24 @@ class BatchRegistration:
         registration: the configured pair registration (networks loaded).
         pairs: column names and rows, as from :func:`scripts.cover_table.select_pairs`.
         output_dir: where results go; created if needed. Inputs are only read.
+        pyramid_above: targets whose long side exceeds this (px) get ``warped-source.ome.tiff``, a tiled pyramidal
+            OME-TIFF written tile by tile, instead of the flat PNG/TIFF; 0 for always.
+        output_level: the warped source's grid is the target's level 0 halved this many times.
     """
 
     def __init__(
-        self, registration: SlidePairRegistration, pairs: tuple[list[str], list[PairRow]], output_dir: str | Path
+        self,
+        registration: SlidePairRegistration,
+        pairs: tuple[list[str], list[PairRow]],
+        output_dir: str | Path,
+        pyramid_above: int = PYRAMID_ABOVE,
+        output_level: int = 0,
     ) -> None:
         self.registration = registration
         self.columns, self.rows = pairs
         self.output_dir = Path(output_dir)
+        self.pyramid_above = pyramid_above
+        self.output_level = output_level
 
     def run(self) -> dict:
         """Register all pairs; returns the summary that is also written to ``registration-summary.json``."""
@@ -117,7 +135,12 @@ class BatchRegistration:
             started = time.perf_counter()
             suffix = ".png" if source.bit_depth == 8 else ".tif"
             source_slide = ArraySlide(source.pixels, source.bit_depth, source.path)
-            write_slide(staging / f"warped-source{suffix}", transform.warp_source(source_slide), source.bit_depth)
+            if max(transform.geometry.target_shape) > self.pyramid_above:
+                suffix = ".ome.tiff"
+                transform.write_warped(staging / f"warped-source{suffix}", source_slide, self.output_level)
+            else:
+                warped = transform.warp_source(source_slide, self.output_level)
+                write_slide(staging / f"warped-source{suffix}", warped, source.bit_depth)
             # uncompressed: gzip shrinks a float32 field by about 10 % and took 0.1 s per sample pair
             transform.save_field(staging / "displacement-field.nii")
             outputs = {
@@ -126,6 +149,8 @@ class BatchRegistration:
                 WARPED_SOURCE_LANDMARKS: "",
                 WARPED_TARGET_LANDMARKS: "",
                 WARPED_SOURCE_LANDMARKS_AFFINE: "",
+                WARPED_SOURCE_ANNOTATIONS: "",
+                WARPED_TARGET_ANNOTATIONS: "",
                 STATUS: "OK",
             }
             warped_source_landmarks = {}
@@ -138,6 +163,14 @@ class BatchRegistration:
             if target_landmarks is not None:
                 write_landmarks(staging / "warped-target-landmarks.csv", transform.target_to_source(target_landmarks))
                 outputs[WARPED_TARGET_LANDMARKS] = f"{pair.name}/warped-target-landmarks.csv"
+            for column, frame, output_column in (
+                (SOURCE_ANNOTATIONS, "source", WARPED_SOURCE_ANNOTATIONS),
+                (TARGET_ANNOTATIONS, "target", WARPED_TARGET_ANNOTATIONS),
+            ):
+                if pair.path(column) is not None:
+                    name = f"warped-{frame}-annotations.geojson"
+                    map_geojson(pair.path(column), staging / name, transform, frame)
+                    outputs[output_column] = f"{pair.name}/{name}"
             for stage in STAGES:
                 save_stage_panels(staging, stage, result.fixed, result.stages[stage])
             timings["outputs"] = time.perf_counter() - started

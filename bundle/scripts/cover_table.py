@@ -13,6 +13,9 @@ SOURCE_IMAGE = "Source image"
 TARGET_LANDMARKS = "Target landmarks"
 SOURCE_LANDMARKS = "Source landmarks"
 PATH_COLUMNS = (TARGET_IMAGE, SOURCE_IMAGE, TARGET_LANDMARKS, SOURCE_LANDMARKS)
+# optional GeoJSON (QuPath) of either slide, mapped into the other's frame
+TARGET_ANNOTATIONS = "Target annotations"
+SOURCE_ANNOTATIONS = "Source annotations"
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,25 @@ def read_cover_table(path: str | Path) -> tuple[list[str], list[PairRow]]:
 
 
 def single_pair_table(
-    source: str, target: str, source_landmarks: str | None = None, target_landmarks: str | None = None
+    source: str,
+    target: str,
+    source_landmarks: str | None = None,
+    target_landmarks: str | None = None,
+    source_annotations: str | None = None,
+    target_annotations: str | None = None,
 ) -> tuple[list[str], list[PairRow]]:
-    """The one-row table for ``--source/--target`` runs; relative paths resolve against the working directory."""
+    """The one-row table for ``--source/--target`` runs; relative paths resolve against the working directory.
+    The annotation columns are there only when annotations are given."""
     row = {
         TARGET_IMAGE: str(target),
         SOURCE_IMAGE: str(source),
         TARGET_LANDMARKS: str(target_landmarks or ""),
         SOURCE_LANDMARKS: str(source_landmarks or ""),
     }
-    return list(PATH_COLUMNS), [PairRow(0, row, Path.cwd())]
+    if source_annotations or target_annotations:
+        row[TARGET_ANNOTATIONS] = str(target_annotations or "")
+        row[SOURCE_ANNOTATIONS] = str(source_annotations or "")
+    return list(row), [PairRow(0, row, Path.cwd())]
 
 
 def select_pairs(
@@ -106,6 +118,8 @@ def select_pairs(
     source_landmarks: str | None,
     target_landmarks: str | None,
     sample_pairs_csv: str,
+    source_annotations: str | None = None,
+    target_annotations: str | None = None,
 ) -> tuple[list[str], list[PairRow]]:
     """The pairs a run registers: ``--source/--target`` if given, else ``--pairs_csv``, else the embedded sample."""
     if source or target:
@@ -113,7 +127,10 @@ def select_pairs(
             raise ValueError("--source and --target go together: give both images of the pair")
         if pairs_csv:
             raise ValueError("give either --pairs_csv or --source/--target, not both")
-        return single_pair_table(source, target, source_landmarks, target_landmarks)
+        annotations = (source_annotations, target_annotations)
+        return single_pair_table(source, target, source_landmarks, target_landmarks, *annotations)
     if source_landmarks or target_landmarks:
         raise ValueError("--source_landmarks/--target_landmarks need --source/--target; a cover table names its own")
+    if source_annotations or target_annotations:
+        raise ValueError("--source_annotations/--target_annotations need --source/--target; a cover table names its own")
     return read_cover_table(pairs_csv or sample_pairs_csv)

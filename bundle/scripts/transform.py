@@ -13,6 +13,7 @@ import torch
 
 from .fields import identity_grid, invert_points, sample_field
 from .preprocess import PairGeometry
+from .pyramid_writer import write_pyramid
 from .slide_image import SlideImage
 from .slide_io import atomic_path
 from .errors import RegistrationInputError
@@ -193,6 +194,30 @@ class SlideTransform:
                 tile = next(tiles)
                 warped[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
         return warped
+
+    def write_warped(
+        self,
+        path: str | Path,
+        source: SlideImage,
+        output_level: int = 0,
+        tile_size: int = 512,
+        labels: bool = False,
+        compression: str | None = None,
+    ) -> None:
+        """Warp ``source`` tile by tile (:meth:`warp_tiles`) into a tiled pyramidal OME-TIFF at ``path``, with the
+        target's microns per pixel where its file stated them (see :func:`scripts.pyramid_writer.write_pyramid`)."""
+        mpp = getattr(self.geometry, "target_mpp", None)  # recorded by PairGeometry when the slide's file states it
+        write_pyramid(
+            path,
+            self.warp_tiles(source, output_level, tile_size, labels),
+            self.output_shape(output_level),
+            source.channels,
+            source.bit_depth,
+            mpp=None if mpp is None else tuple(value * 2**output_level for value in mpp),
+            tile_size=tile_size,
+            compression=compression,
+            labels=labels,
+        )
 
     def _source_level(self, source: SlideImage, output_downsample: int) -> int:
         """The coarsest source level whose pixels are no larger than the source extent of one output pixel."""
