@@ -9,7 +9,7 @@ import tifffile
 
 from scripts.pyramid_writer import pyramid_shapes, write_pyramid
 from scripts.slide_image import ArraySlide
-from test_transform import TARGET_SHAPE, _coordinate_source, _transform
+from test_transform import TARGET_SHAPE, _assembled, _coordinate_source, _transform
 
 
 def _tiles(pixels: np.ndarray, size: int):
@@ -58,14 +58,16 @@ def test_pyramid_levels_sizes_tiles_metadata_and_pixels(tmp_path):
 
 def test_pyramid_of_the_tiled_warp_holds_the_warped_source_at_level_0(tmp_path):
     transform = _transform(nonrigid=True)
-    source = ArraySlide(_coordinate_source().astype(np.float32), 8, "source.png")
+    pixels = _coordinate_source().astype(np.float32)
+    source = ArraySlide(pixels, 8, "source.png")
     path = tmp_path / "warped.ome.tiff"
     write_pyramid(path, transform.warp_tiles(source, tile_size=64), TARGET_SHAPE, 3, 8, tile_size=64,
                   compression="zlib", min_size=200)
     with tifffile.TiffFile(path) as tiff:
         levels = tiff.series[0].levels
         assert [level.shape[:2] for level in levels] == [(300, 420), (150, 210), (75, 105)]
-        np.testing.assert_array_equal(levels[0].asarray(), np.rint(transform.warp_source(source) * 255))
+        warped = _assembled(transform, pixels, 64)  # the same tiles, put together
+        np.testing.assert_array_equal(levels[0].asarray(), np.rint(warped * 255))
 
 
 def test_jpeg_by_default_for_8_bit_deflate_for_16_bit_and_labels(tmp_path):

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .fields import identity_grid, invert_points, sample_field
+from .fields import identity_grid, invert_points, pull, sample_field
 from .preprocess import PairGeometry
 from .pyramid_writer import write_pyramid
 from .slide_image import SlideImage
@@ -156,8 +156,8 @@ class SlideTransform:
         For each output tile the working-grid field is interpolated at the tile's pixels, the source region those
         pixels pull from (their bounding box plus the interpolation's neighbours) is read through
         ``source.read_region`` at the finest source level no finer than the output's pixels, and resampled once. Every
-        output pixel's value depends only on its own position, never on the tiling: tiles join without seams and equal
-        a whole-image warp. Memory is the field plus a few tiles and their source regions; a tile whose region would be
+        output pixel's value depends only on its own position (up to float32 rounding of its position within the
+        region read): tiles join without seams and equal a whole-image warp. Memory is the field plus a few tiles and their source regions; a tile whose region would be
         much larger than the tile (a strongly shrinking or folding field) is split into quarters.
 
         Args:
@@ -237,27 +237,26 @@ class SlideTransform:
         labels: bool,
     ) -> np.ndarray:
         """Output pixels ``rows x columns`` (half-open) of the warped source, (h, w, C) float32."""
-        grid = np.stack(np.meshgrid(np.arange(*rows), np.arange(*columns), indexing="ij"), -1).reshape(-1, 2)
-        pulled = self._pull_positions(grid * downsample + (downsample - 1) / 2)  # level-0 target -> source px
-        level_downsample = np.asarray(source.levels[level].downsample)
-        positions = (pulled + 0.5) / level_downsample - 0.5  # (row, column) px of the source level
+        positions = self._pull_positions(source, level, downsample, rows, columns)
         height, width = source.levels[level].shape
         # the region holds every pixel a position reads, at most one pixel beyond the level: all white there
-        low = np.floor(positions.min(0)).astype(int)
-        high = np.floor(positions.max(0)).astype(int) + 2
+        low = positions.flatten(2).amin(2)[0].floor().cpu().numpy().astype(int)
+        high = positions.flatten(2).amax(2)[0].floor().cpu().numpy().astype(int) + 2
         start = np.clip(low, -1, [height, width])
         stop = np.clip(high, start + 1, [height + 1, width + 1])
         shape = (rows[1] - rows[0], columns[1] - columns[0])
         if np.prod(stop - start) > _MAX_REGION_TILES * np.prod(shape) and min(shape) > 1:
             return self._split_block(source, level, downsample, rows, columns, labels)
         region = source.read_region(level, (int(start[0]), int(stop[0])), (int(start[1]), int(stop[1])))
+        region = torch.from_numpy(region).to(positions.device).permute(2, 0, 1)[None]
+        local = positions - positions.new_tensor(start).view(1, 2, 1, 1)
         if labels:
-            values = _nearest(region, positions, start)
-            outside = ((positions < -0.5) | (positions >= np.array([height, width]) - 0.5)).any(1)
-            values[outside] = 0.0
+            values = pull(region, local, mode="nearest")
+            limits = positions.new_tensor([height, width]).view(1, 2, 1, 1) - 0.5
+            values = values.masked_fill(((positions < -0.5) | (positions >= limits)).any(1, keepdim=True), 0.0)
         else:
-            values = _bilinear(region, positions, start)
-        return values.reshape(*shape, source.channels)
+            values = 1 - pull(1 - region, local)  # zero padding of 1 - image: white glass beyond the region
+        return values[0].permute(1, 2, 0).cpu().numpy()
 
     def _split_block(self, source, level, downsample, rows, columns, labels) -> np.ndarray:
         """A block warped as four quarters, so that no region read is much larger than the block."""
@@ -275,12 +274,28 @@ class SlideTransform:
             )
         return np.concatenate(halves, axis=0)
 
-    def _pull_positions(self, target_pixels: np.ndarray) -> np.ndarray:
-        """(N, 2) (row, column) level-0 target pixels -> the level-0 source positions they pull from, float64."""
-        working = self.geometry.to_working(target_pixels, "target")
-        points = torch.as_tensor(working, dtype=torch.float32, device=self.field.device)
-        displacement = sample_field(self.field, points).cpu().double().numpy()
-        return self.geometry.from_working(working + displacement, "source")
+    def _pull_positions(
+        self, source: SlideImage, level: int, downsample: int, rows: tuple[int, int], columns: tuple[int, int]
+    ) -> torch.Tensor:
+        """Where output pixels ``rows x columns`` pull from: (1, 2, h, w) (row, column) pixels of the source level.
+
+        PairGeometry's maps between original and working pixels are affine per axis: the target's are evaluated
+        exactly (float64) on the tile's rows and columns, the source's and the level's applied as one scale and
+        shift per axis to the float32 pulled positions.
+        """
+        axes = []
+        for axis, (first, stop) in enumerate((rows, columns)):
+            points = np.zeros((stop - first, 2))
+            points[:, axis] = np.arange(first, stop) * downsample + (downsample - 1) / 2  # level-0 target pixels
+            axes.append(torch.as_tensor(self.geometry.to_working(points, "target")[:, axis], dtype=torch.float32))
+        working = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].to(self.field.device)
+        moved = working + pull(self.field, working, padding_mode="border")
+        # source working pixel -> source level pixel: (from_working(w) + 0.5) / level downsample - 0.5
+        ends = self.geometry.from_working(np.array([[0.0, 0.0], [1.0, 1.0]]), "source")
+        level_downsample = np.asarray(source.levels[level].downsample)
+        slope = (ends[1] - ends[0]) / level_downsample
+        shift = (ends[0] + 0.5) / level_downsample - 0.5
+        return moved * moved.new_tensor(slope).view(1, 2, 1, 1) + moved.new_tensor(shift).view(1, 2, 1, 1)
 
     def save_field(self, path: str | Path) -> None:
         """Write the total field as NIfTI (see ``FIELD_CONVENTION``) and the geometry beside it as JSON."""
@@ -298,31 +313,6 @@ class SlideTransform:
         }
         with atomic_path(sidecar) as tmp:
             tmp.write_text(json.dumps(description, indent=2))
-
-
-def _bilinear(region: np.ndarray, positions: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """Bilinear values of a region read at ``start`` (row, column) at (N, 2) level positions; (N, C) float32.
-
-    Positions beyond the region take its edge pixels, which are white outside the level. The weights come from the
-    positions themselves, not from positions relative to the region, so that a pixel's value never depends on the
-    region (tile) it was computed in.
-    """
-    base = np.floor(positions)
-    fraction = (positions - base).astype(np.float32)
-    index = base.astype(np.intp) - start
-    limit = np.array(region.shape[:2]) - 1
-    r0, c0 = np.clip(index, 0, limit).T
-    r1, c1 = np.clip(index + 1, 0, limit).T
-    fr, fc = fraction[:, :1], fraction[:, 1:]
-    top = region[r0, c0] * (1 - fc) + region[r0, c1] * fc
-    bottom = region[r1, c0] * (1 - fc) + region[r1, c1] * fc
-    return top * (1 - fr) + bottom * fr
-
-
-def _nearest(region: np.ndarray, positions: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """Nearest-pixel values (labels) of a region read at ``start`` at (N, 2) level positions; (N, C) float32."""
-    index = np.clip(np.floor(positions + 0.5).astype(np.intp) - start, 0, np.array(region.shape[:2]) - 1)
-    return region[index[:, 0], index[:, 1]]
 
 
 def _swapped(geometry: PairGeometry) -> PairGeometry:
