@@ -2,7 +2,7 @@
 
 From the repository root::
 
-    python benchmarks/tiled_warp_benchmark.py [--sizes 5000 10000 20000] [--output_dir benchmarks/results]
+    python benchmarks/tiled_warp_benchmark.py [--sizes 5000 10000 20000] [--threads 1] [--output_dir benchmarks/results]
 
 Each size runs in its own subprocess (``--worker``). A worker writes a synthetic square RGB source slide of that side
 as a JPEG-compressed pyramidal OME-TIFF (with the bundle's own writer, from generated tiles), opens it through a
@@ -50,7 +50,8 @@ def _source_tiles(size: int, tile: int):
             wave = 0.5 + 0.25 * np.sin(rows / 97.0) * np.cos(cols / 131.0) + 0.1 * np.sin((rows + cols) / 11.0)
             texture = rng.normal(0, 0.03, (*wave.shape, 3)).astype(np.float32)
             tissue = np.stack([wave, wave * 0.8, 1 - wave * 0.5], -1) + texture
-            margin = (np.minimum(rows, size - 1 - rows) < size * 0.05) | (np.minimum(cols, size - 1 - cols) < size * 0.05)
+            edge = size * 0.05
+            margin = (np.minimum(rows, size - 1 - rows) < edge) | (np.minimum(cols, size - 1 - cols) < edge)
             yield np.clip(np.where(margin[..., None], 1.0, tissue), 0, 1)
 
 
@@ -69,17 +70,23 @@ def _transform(size: int):
     matrix = torch.cat([linear, (centre - linear @ centre + torch.tensor([5.0, -4.0]))[:, None]], 1)
     rows = torch.arange(geometry.working_shape[0], dtype=torch.float32)[:, None] / geometry.working_shape[0]
     cols = torch.arange(geometry.working_shape[1], dtype=torch.float32)[None, :] / geometry.working_shape[1]
-    nonrigid = torch.stack([3 * torch.sin(2 * math.pi * (rows + 0.5 * cols)), 2 * torch.cos(2 * math.pi * (rows - cols))])
+    nonrigid = torch.stack(
+        [3 * torch.sin(2 * math.pi * (rows + 0.5 * cols)), 2 * torch.cos(2 * math.pi * (rows - cols))]
+    )
     field = compose_fields(affine_to_field(matrix, geometry.working_shape), nonrigid[None])
     return SlideTransform(geometry, matrix, field)
 
 
-def worker(size: int) -> dict:
+def worker(size: int, threads: int | None) -> dict:
     sys.path[:0] = [str(ROOT / "bundle"), str(ROOT / "tests")]
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from scripts.pyramid_writer import write_pyramid
     from tiff_slide import TiffSlide
 
-    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as folder:
+    with tempfile.TemporaryDirectory() as folder:
         source_path = Path(folder) / "source.ome.tiff"
         write_pyramid(source_path, _source_tiles(size, 512), (size, size), 3, 8)
         transform = _transform(size)
@@ -114,24 +121,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 10000, 20000])
     parser.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--threads", type=int, help="PyTorch threads (default: PyTorch's, one per core)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker)))
+        print(json.dumps(worker(args.worker, args.threads)))
         return
     runs = []
     for size in args.sizes:
-        process = subprocess.run([sys.executable, __file__, "--worker", str(size)], capture_output=True, text=True)
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        command = [sys.executable, __file__, "--worker", str(size), *threads]
+        process = subprocess.run(command, capture_output=True, text=True)
         if process.returncode:
             raise SystemExit(process.stderr)
         runs.append(json.loads(process.stdout.strip().splitlines()[-1]))
         print(runs[-1], flush=True)
-    record = {"command": " ".join(sys.argv), "machine": platform.platform(), "processor": platform.processor(), "runs": runs}
+    record = {"command": " ".join(sys.argv), "machine": platform.platform(), "threads": args.threads, "runs": runs}
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "tiled-warp.json").write_text(json.dumps(record, indent=2))
     lines = [
-        "| side (px) | RGB uncompressed (MB) | levels | warp + write (s) | RSS before (MB) | peak RSS (MB) | increase (MB) |",
+        "| side (px) | RGB uncompressed (MB) | levels | warp + write (s) | RSS before (MB) | peak RSS (MB) "
+        "| increase (MB) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:

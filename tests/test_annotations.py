@@ -83,7 +83,8 @@ def test_every_geometry_type_is_mapped_with_its_properties(tmp_path, from_frame)
                 expected = mapping(original - 0.5) + 0.5
                 assert np.hypot(*(result[:, None] - expected[None]).transpose(2, 0, 1)).min(0).max() < 2e-3
                 if part_before["type"] in ("Polygon", "MultiPolygon"):
-                    rings = part_after["coordinates"] if part_before["type"] == "Polygon" else part_after["coordinates"][0]
+                    polygon = part_after["coordinates"]
+                    rings = polygon if part_before["type"] == "Polygon" else polygon[0]
                     assert all(ring[0] == ring[-1] for ring in rings)
     polygon = mapped["features"][4]["geometry"]["coordinates"]
     assert len(polygon) == 2  # the hole is kept as a hole
@@ -131,7 +132,8 @@ def test_feature_lists_single_features_and_bare_geometries(tmp_path):
         (point, lambda out: out),
     ):
         map_geojson(_write(tmp_path / "in.json", data), tmp_path / "out.json", transform)
-        np.testing.assert_allclose(read(json.loads((tmp_path / "out.json").read_text()))["coordinates"], expected, atol=1e-3)
+        mapped = read(json.loads((tmp_path / "out.json").read_text()))
+        np.testing.assert_allclose(mapped["coordinates"], expected, atol=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,8 @@ def registered(small_pair, tmp_path_factory):  # noqa: F811
     _geojson_points(out / "source.geojson", read_landmarks(small_pair / "source.csv"))
     (out / "pairs.csv").write_text(
         "Target image,Source image,Source landmarks,Target landmarks,Source annotations\n"
-        f"{small_pair}/target.png,{small_pair}/source.png,{small_pair}/source.csv,{small_pair}/target.csv,source.geojson\n"
+        f"{small_pair}/target.png,{small_pair}/source.png,{small_pair}/source.csv,{small_pair}/target.csv,"
+        "source.geojson\n"
     )
     run_bundle(
         "inference", "--config_file", "configs/inference.yaml", "--pairs_csv", str(out / "pairs.csv"),

@@ -42,7 +42,8 @@ def test_pyramid_levels_sizes_tiles_metadata_and_pixels(tmp_path):
     with tifffile.TiffFile(path) as tiff:
         assert tiff.is_ome and len(tiff.series) == 1
         series = tiff.series[0]
-        assert [level.shape for level in series.levels] == [(1500, 1100, 3), (750, 550, 3), (375, 275, 3), (188, 138, 3)]
+        shapes = [(1500, 1100, 3), (750, 550, 3), (375, 275, 3), (188, 138, 3)]
+        assert [level.shape for level in series.levels] == shapes
         expected = np.rint(pixels * 255)
         for level in series.levels:
             page = level.keyframe

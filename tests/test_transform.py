@@ -234,7 +234,8 @@ def test_warp_from_a_tiff_pyramid_reads_small_regions_at_the_matching_level(tmp_
         np.testing.assert_allclose(_assembled(transform, slide, 64), expected, atol=1e-5)
         assert {level for level, _, _ in slide.reads} == {0}
         largest = max((r[1] - r[0]) * (c[1] - c[0]) for _, r, c in slide.reads)
-        assert largest < 2.5 * 64 * 64  # only the region a tile pulls from: 30 deg and x 1.05 make its box 2.2 x the tile
+        # only the region a tile pulls from: 30 deg and x 1.05 make its bounding box 2.2 x the tile
+        assert largest < 2.5 * 64 * 64
 
         # output level 1: half the target's size, read from the source's level 1, values where the points map
         slide.reads.clear()

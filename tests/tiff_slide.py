@@ -35,7 +35,7 @@ def write_tiff_pyramid(path: Path, pixels: np.ndarray, levels: int, tile: int = 
 
 
 class TiffSlide(SlideImage):
-    """A tiled (pyramidal) 8- or 16-bit TIFF as a SlideImage; ``reads`` lists (level, rows, columns) of every region read."""
+    """A tiled (pyramidal) 8- or 16-bit TIFF as a SlideImage; ``reads``: (level, rows, columns) of each region read."""
 
     def __init__(self, path: Path) -> None:
         self.path = str(path)

@@ -132,5 +132,7 @@ def select_pairs(
     if source_landmarks or target_landmarks:
         raise ValueError("--source_landmarks/--target_landmarks need --source/--target; a cover table names its own")
     if source_annotations or target_annotations:
-        raise ValueError("--source_annotations/--target_annotations need --source/--target; a cover table names its own")
+        raise ValueError(
+            "--source_annotations/--target_annotations need --source/--target; a cover table names its own"
+        )
     return read_cover_table(pairs_csv or sample_pairs_csv)

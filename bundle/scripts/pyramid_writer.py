@@ -156,7 +156,8 @@ class _TileSpool:
         for row, column in grid.indices():
             strips = []
             for piece_row in (2 * row, 2 * row + 1):
-                keys = [(level, piece_row, c) for c in (2 * column, 2 * column + 1) if (level, piece_row, c) in self.index]
+                keys = [(level, piece_row, c) for c in (2 * column, 2 * column + 1)]
+                keys = [key for key in keys if key in self.index]
                 if keys:
                     strips.append(np.concatenate([self._pop(key) for key in keys], axis=1))
             tile = np.concatenate(strips, axis=0)

@@ -118,7 +118,8 @@ class SlideTransform:
         record_path = folder / REGISTRATION_RECORD
         try:
             record = json.loads(record_path.read_text())
-            geometry = PairGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["geometry"].items()})
+            values = record["geometry"].items()
+            geometry = PairGeometry(**{key: tuple(v) if isinstance(v, list) else v for key, v in values})
             affine = torch.tensor(record["affine_working_pixels"], dtype=torch.float32)
         except FileNotFoundError:
             raise RegistrationInputError(record_path, "not found: not a registration folder") from None
@@ -155,10 +156,11 @@ class SlideTransform:
 
         For each output tile the working-grid field is interpolated at the tile's pixels, the source region those
         pixels pull from (their bounding box plus the interpolation's neighbours) is read through
-        ``source.read_region`` at the finest source level no finer than the output's pixels, and resampled once. Every
-        output pixel's value depends only on its own position (up to float32 rounding of its position within the
-        region read): tiles join without seams and equal a whole-image warp. Memory is the field plus a few tiles and their source regions; a tile whose region would be
-        much larger than the tile (a strongly shrinking or folding field) is split into quarters.
+        ``source.read_region`` at the coarsest source level no coarser than the output's pixels, and resampled once.
+        An output pixel's value depends only on its own position (up to float32 rounding of its position within the
+        region read): tiles join without seams and equal a whole-image warp. Memory is the field plus a few tiles and
+        their source regions; a tile whose region would be much larger than the tile (a strongly shrinking or
+        folding field) is split into quarters.
 
         Args:
             source: the source slide (level-0 shape ``geometry.source_shape``).
@@ -221,7 +223,8 @@ class SlideTransform:
 
     def _source_level(self, source: SlideImage, output_downsample: int) -> int:
         """The coarsest source level whose pixels are no larger than the source extent of one output pixel."""
-        corners = self.geometry.from_working(self.geometry.to_working(np.array([[0.0, 0.0], [1.0, 1.0]]), "target"), "source")
+        working = self.geometry.to_working(np.array([[0.0, 0.0], [1.0, 1.0]]), "target")
+        corners = self.geometry.from_working(working, "source")
         source_per_target = float(np.min(np.abs(corners[1] - corners[0])))
         needed = output_downsample * source_per_target * (1 + 1e-6)
         fitting = [i for i, level in enumerate(source.levels) if max(level.downsample) <= needed]
