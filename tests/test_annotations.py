@@ -151,6 +151,7 @@ def test_feature_lists_single_features_and_bare_geometries(tmp_path):
         ({"type": "MultiPolygon", "coordinates": [SQUARE]}, r"position 100.0 is not \[x, y\]"),  # one level short
         ({"type": "LineString", "coordinates": 5}, "LineString coordinates must be nested arrays"),
         ("POLYGON ((0 0, 1 1))", "not a GeoJSON geometry object"),
+        ({"type": "GeometryCollection"}, "GeometryCollection without a 'geometries' array"),
     ],
 )
 def test_bad_geometry_names_the_feature(tmp_path, geometry, problem):

@@ -188,13 +188,18 @@ class _Mapper:
             raise RegistrationInputError(self.path, f"GeoJSON must be an object or an array, not {type(data).__name__}")
         kind = data.get("type")
         if kind == "FeatureCollection":
-            features = data.get("features")
-            if not isinstance(features, list):
-                raise RegistrationInputError(self.path, "FeatureCollection without a 'features' array")
+            features = self.members(data, "features", "")
             return {**data, "features": [self.feature(item, index) for index, item in enumerate(features)]}
         if kind == "Feature":
             return self.feature(data, 0)
         return self.geometry(data, "the geometry")
+
+    def members(self, collection: dict, key: str, prefix: str) -> list:
+        """The ``key`` array of a FeatureCollection or GeometryCollection; ``prefix`` names it in the error."""
+        members = collection.get(key)
+        if not isinstance(members, list):
+            raise RegistrationInputError(self.path, f"{prefix}{collection['type']} without a '{key}' array")
+        return members
 
     def feature(self, feature: object, index: int) -> dict:
         name = f"feature {index}"
@@ -215,9 +220,7 @@ class _Mapper:
             raise RegistrationInputError(self.path, f"{name}: not a GeoJSON geometry object")
         kind = geometry.get("type")
         if kind == "GeometryCollection":
-            members = geometry.get("geometries")
-            if not isinstance(members, list):
-                raise RegistrationInputError(self.path, f"{name}: GeometryCollection without a 'geometries' array")
+            members = self.members(geometry, "geometries", f"{name}: ")
             return {**geometry, "geometries": [self.geometry(g, f"{name}, part {i}") for i, g in enumerate(members)]}
         if kind not in _DEPTHS:
             raise RegistrationInputError(self.path, f"{name}: unsupported geometry type {kind!r}")
