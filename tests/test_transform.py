@@ -1,5 +1,6 @@
 """SlideTransform and PairGeometry: landmarks both ways against a known affine (with padding and downscaling),
-resampling of the original source onto the target, and the saved field."""
+resampling of the original source onto the target (tile by tile, from a TIFF pyramid too), the inverse transform,
+and the saved field and its loading."""
 
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from scipy.ndimage import binary_erosion
+from tiff_slide import TiffSlide, write_tiff_pyramid
 
 from scripts.affine import affine_to_field
-from scripts.fields import compose_fields
+from scripts.errors import RegistrationInputError
+from scripts.fields import compose_fields, sample_field
 from scripts.preprocess import PairGeometry, to_working_grid
+from scripts.slide_image import ArraySlide
 from scripts.transform import SlideTransform
 
 # MONAI's Warp announces its PyTorch fallback on CPU; nothing to act on here
@@ -155,6 +161,173 @@ def test_round_trip_with_nonrigid_part():
     assert np.abs(sources_again - sources).max() < 0.1
 
 
+def _assembled(
+    transform: SlideTransform, source: np.ndarray | TiffSlide, tile_size: int, output_level: int = 0, labels=False
+) -> np.ndarray:
+    """The tiles of ``warp_tiles`` put together, checking that they come row-major with the expected shapes."""
+    slide = ArraySlide(source, 8, "source.png") if isinstance(source, np.ndarray) else source
+    height, width = transform.output_shape(output_level)
+    tiles = transform.warp_tiles(slide, output_level, tile_size, labels)
+    rows = []
+    for top in range(0, height, tile_size):
+        row = [next(tiles) for _ in range(0, width, tile_size)]
+        assert all(tile.shape[0] == min(tile_size, height - top) for tile in row)
+        rows.append(np.concatenate(row, axis=1))
+    assert next(tiles, None) is None
+    return np.concatenate(rows, axis=0)
+
+
+def _whole_image_warp(transform: SlideTransform, source: np.ndarray) -> np.ndarray:
+    """Reference: the whole source resampled at once with ``grid_sample`` (zero padding of 1 - image = white glass),
+    the field interpolated at every target pixel of the whole image; float64 where float32 normalised coordinates
+    would cost more than float precision (``grid_sample`` reads the source at ``2 x / (W - 1) - 1``)."""
+    geometry = transform.geometry
+    rows, cols = np.meshgrid(*(np.arange(n) for n in geometry.target_shape), indexing="ij")
+    working = torch.as_tensor(geometry.to_working(np.stack([rows, cols], -1).reshape(-1, 2), "target"))
+    moved = working + sample_field(transform.field, working.float()).double()
+    pulled = torch.as_tensor(geometry.from_working(moved.numpy(), "source"))
+    norm = (pulled / (torch.tensor(source.shape[:2], dtype=torch.float64) - 1) * 2 - 1).flip(-1)
+    inverted = 1 - torch.as_tensor(source, dtype=torch.float64).permute(2, 0, 1)[None]
+    warped = F.grid_sample(inverted, norm.reshape(1, *geometry.target_shape, 2), align_corners=True)
+    return (1 - warped[0].permute(1, 2, 0)).numpy()
+
+
+def _coordinate_source(bits: int = 8) -> np.ndarray:
+    """(H, W, 3) source whose pixels encode their own (row, column), in [0.1, 0.9] so that white is distinct."""
+    height, width = SOURCE_SHAPE
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    return np.stack([0.1 + 0.8 * rows / (height - 1), 0.1 + 0.8 * cols / (width - 1), np.full(rows.shape, 0.5)], -1)
+
+
+@pytest.mark.parametrize("nonrigid", [False, True])
+def test_tiled_warp_equals_whole_image_warp_at_the_seams_too(nonrigid):
+    transform = _transform(nonrigid)
+    rng = np.random.default_rng(3)
+    # texture at every scale, so that any misplaced pixel at a tile seam shows
+    source = np.clip(_coordinate_source() + rng.normal(0, 0.05, (*SOURCE_SHAPE, 3)), 0, 1).astype(np.float32)
+    reference = _whole_image_warp(transform, source)
+    whole = _assembled(transform, source, 1000)  # one tile: the whole image at once
+    for tile_size in (37, 64):  # cut the 300 x 420 target into tiles with seams everywhere
+        tiled = _assembled(transform, source, tile_size)
+        assert tiled.shape == (*TARGET_SHAPE, 3) and tiled.dtype == np.float32
+        # equal to the whole image done at once, at the seams too, to float32 rounding of the positions read ...
+        np.testing.assert_allclose(tiled, whole, atol=1e-5)
+        seams = slice(tile_size - 1, None, tile_size), slice(tile_size, None, tile_size)
+        for seam in seams:
+            np.testing.assert_allclose(tiled[seam], whole[seam], atol=1e-5)
+            np.testing.assert_allclose(tiled[:, seam], whole[:, seam], atol=1e-5)
+    # ... and to the float64 reference within 1e-4 (a fortieth of an 8-bit grey level): grid_sample's float32
+    # normalised coordinates are about 1e-4 px off on a 400 px image with this much texture
+    np.testing.assert_allclose(whole, reference, atol=1e-4)
+    assert (reference == 1.0).all(-1).mean() > 0.05  # the rotation leaves glass, which the tiles got right too
+
+
+def test_warp_from_a_tiff_pyramid_reads_small_regions_at_the_matching_level(tmp_path):
+    transform = _transform(nonrigid=True)
+    source = _coordinate_source()
+    slide = TiffSlide(write_tiff_pyramid(tmp_path / "source.tif", source, levels=3, tile=32, bit_depth=16))
+    try:
+        # level 0: the pixels as stored, whichever reader holds them
+        stored = slide.read_region(0, (0, SOURCE_SHAPE[0]), (0, SOURCE_SHAPE[1]))
+        slide.reads.clear()
+        expected = transform.warp_source(ArraySlide(stored, 16, "s"))
+        np.testing.assert_allclose(_assembled(transform, slide, 64), expected, atol=1e-5)
+        assert {level for level, _, _ in slide.reads} == {0}
+        largest = max((r[1] - r[0]) * (c[1] - c[0]) for _, r, c in slide.reads)
+        # only the region a tile pulls from: 30 deg and x 1.05 make its bounding box 2.2 x the tile
+        assert largest < 2.5 * 64 * 64
+
+        # output level 1: half the target's size, read from the source's level 1, values where the points map
+        slide.reads.clear()
+        warped = _assembled(transform, slide, 64, output_level=1)
+        assert warped.shape == (150, 210, 3) and {level for level, _, _ in slide.reads} == {1}
+    finally:
+        slide.close()
+    rows, cols = np.meshgrid(np.arange(150), np.arange(210), indexing="ij")
+    centres = np.stack([cols.ravel(), rows.ravel()], 1) * 2 + 0.5  # [X, Y] level-0 target position of each pixel
+    mapped = transform.target_to_source(centres)
+    height, width = SOURCE_SHAPE
+    inside = (mapped[:, 0] > 3) & (mapped[:, 0] < width - 4) & (mapped[:, 1] > 3) & (mapped[:, 1] < height - 4)
+    assert inside.sum() > 15000
+    read = warped.reshape(-1, 3)[inside]
+    np.testing.assert_allclose((read[:, 0] - 0.1) / 0.8 * (height - 1), mapped[inside, 1], atol=0.05)
+    np.testing.assert_allclose((read[:, 1] - 0.1) / 0.8 * (width - 1), mapped[inside, 0], atol=0.05)
+
+
+def test_label_images_are_warped_nearest_neighbour_with_zero_outside():
+    transform = _transform(nonrigid=True)
+    rows, cols = np.meshgrid(*(np.arange(n) for n in SOURCE_SHAPE), indexing="ij")
+    labels = ((rows // 40 + cols // 50) % 4 + 1).astype(np.float32)[..., None] / 255  # labels 1-4, no background
+    warped = _assembled(transform, labels, 64, labels=True)
+    found = set(np.unique(np.rint(warped * 255)).astype(int))
+    assert found == {0, 1, 2, 3, 4}  # no blend of two labels; 0 where the source has no data
+    np.testing.assert_array_equal(np.rint(warped * 255), warped * 255)
+    # bilinear would have mixed neighbouring labels
+    assert len(np.unique(_assembled(transform, labels, 64))) > 10
+
+
+def test_inverse_maps_points_and_warps_back():
+    transform = _transform(nonrigid=True)
+    inverse = transform.inverse()
+    assert inverse.geometry.target_shape == SOURCE_SHAPE and inverse.geometry.source_offset == (20, 0)
+    points = _target_points(margin=15.0)
+    sources = transform.target_to_source(points)
+    # the inverse field covers the working grid: where the source pulls from beyond it, there is nothing to invert
+    kept = ((sources > 10) & (sources < np.array(SOURCE_SHAPE[::-1]) - 10)).all(1)
+    points, sources = points[kept], sources[kept]
+    assert len(points) > 150
+    np.testing.assert_allclose(inverse.target_to_source(sources), points, atol=0.05)
+    np.testing.assert_allclose(inverse.source_to_target(points), sources, atol=0.05)
+    # the source warped onto the target, then back onto the source grid, is the source where both had data
+    source = _coordinate_source().astype(np.float32)
+    back = inverse.warp_source(ArraySlide(transform.warp_source(ArraySlide(source, 8, "s")), 8, "t"))
+    assert back.shape == source.shape
+    # where neither warp came near white glass (channel 2 is 0.5 on the source, 1 on glass)
+    covered = binary_erosion(np.abs(back[..., 2] - 0.5) < 1e-6, iterations=3)
+    assert covered.mean() > 0.4
+    np.testing.assert_allclose(back[covered], source[covered], atol=2e-3)
+
+
+def _save_registration(transform: SlideTransform, folder, vector_axis: bool = False) -> None:
+    """The files run inference writes per pair that SlideTransform.load needs."""
+    record = {"geometry": transform.geometry.to_dict(), "affine_working_pixels": transform.affine.tolist()}
+    (folder / "registration.json").write_text(json.dumps(record))
+    transform.save_field(folder / "displacement-field.nii")
+    if vector_axis:  # the NIfTI vector-image layout: components on the 5th axis
+        data = transform.field[0].permute(1, 2, 0).numpy()[:, :, None, None, :]
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(folder / "displacement-field.nii"))
+
+
+@pytest.mark.parametrize("vector_axis", [False, True])
+def test_load_rebuilds_the_saved_transform(tmp_path, vector_axis):
+    transform = _transform(nonrigid=True)
+    _save_registration(transform, tmp_path, vector_axis)
+    loaded = SlideTransform.load(tmp_path)
+    assert loaded.geometry == transform.geometry
+    np.testing.assert_array_equal(loaded.field, transform.field)
+    points = _target_points()
+    np.testing.assert_array_equal(loaded.target_to_source(points), transform.target_to_source(points))
+    np.testing.assert_array_equal(loaded.source_to_target(points), transform.source_to_target(points))
+
+
+def test_load_names_the_file_at_fault(tmp_path):
+    with pytest.raises(RegistrationInputError, match="not a registration folder"):
+        SlideTransform.load(tmp_path / "missing")
+    with pytest.raises(RegistrationInputError, match="registration.json: not found"):
+        SlideTransform.load(tmp_path)
+    transform = _transform(nonrigid=False)
+    _save_registration(transform, tmp_path)
+    (tmp_path / "displacement-field.nii").unlink()
+    with pytest.raises(RegistrationInputError, match="displacement-field.nii: not found"):
+        SlideTransform.load(tmp_path)
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 1, 2), np.float32), np.eye(4)), str(tmp_path / "displacement-field.nii"))
+    with pytest.raises(RegistrationInputError, match=r"field array is \(5, 5, 1, 2\)"):
+        SlideTransform.load(tmp_path)
+    (tmp_path / "registration.json").write_text("{")
+    with pytest.raises(RegistrationInputError, match="cannot be read as a registration record"):
+        SlideTransform.load(tmp_path)
+
+
 def _source_pixels_of_target() -> tuple[np.ndarray, np.ndarray]:
     rows, cols = np.meshgrid(np.arange(TARGET_SHAPE[0]), np.arange(TARGET_SHAPE[1]), indexing="ij")
     return np.stack([cols.ravel(), rows.ravel()], 1).astype(np.float64), rows
@@ -168,9 +341,9 @@ def test_warp_source_moves_dot_to_mapped_target_position(nonrigid):
     tissue = 0.8 - 0.7 * np.exp(-((cols - dot_xy[0, 0]) ** 2 + (rows - dot_xy[0, 1]) ** 2) / (2 * 3.0**2))
     source = np.repeat(tissue[..., None], 3, axis=2).astype(np.float32)
 
-    warped = transform.warp_source(source, band_rows=64)
+    warped = transform.warp_source(ArraySlide(source, 8, "source.png"))
     assert warped.shape == (*TARGET_SHAPE, 3) and warped.dtype == np.float32
-    np.testing.assert_array_equal(warped, transform.warp_source(source))  # banding changes nothing
+    np.testing.assert_allclose(warped, _assembled(transform, source, tile_size=37), atol=1e-5)  # nor does tiling
 
     # where target_to_source sends the target point, the dot must be
     expected_xy = transform.source_to_target(dot_xy)[0]
@@ -203,7 +376,7 @@ def test_warp_source_agrees_with_target_to_source_everywhere(nonrigid):
     height, width = SOURCE_SHAPE
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     source = np.stack([rows / (height - 1), cols / (width - 1), np.full(rows.shape, 0.5)], -1).astype(np.float32)
-    warped = transform.warp_source(source).reshape(-1, 3).astype(np.float64)
+    warped = transform.warp_source(ArraySlide(source, 8, "source.png")).reshape(-1, 3).astype(np.float64)
     targets, _ = _source_pixels_of_target()
     mapped = transform.target_to_source(targets)  # [X, Y]
     inside = (mapped[:, 0] > 1) & (mapped[:, 0] < width - 2) & (mapped[:, 1] > 1) & (mapped[:, 1] < height - 2)

@@ -24,7 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cover_table import SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow, read_csv_table
+from .annotations import map_geojson
+from .cover_table import (
+    SOURCE_ANNOTATIONS, SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_ANNOTATIONS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow,
+    read_csv_table,
+)
 from .errors import RegistrationInputError
 from .metrics import PairScores, image_diagonal, score_pair, summarise
 from .quality import QUALITY_COLUMNS
@@ -32,7 +36,6 @@ from .affine import affine_to_field
 from .output_lock import OutputFolderLock, OutputFolderLocked
 from .registration import SlidePairRegistration
 from .sharding import Shard
-from .slide_image import ArraySlide
 from .slide_io import atomic_path, read_landmarks, write_landmarks, write_slide
 from .slide_reader import open_slide
 from .transform import SlideTransform
@@ -49,13 +52,19 @@ DISPLACEMENT_FIELD = "Displacement field"
 ITK_DISPLACEMENT_FIELD = "ITK displacement field"
 EXECUTION_TIME = "Execution time [minutes]"
 STATUS = "Status"
+# the source's annotations in the target's frame, and the target's in the source's (GeoJSON)
+WARPED_SOURCE_ANNOTATIONS = "Warped source annotations"
+WARPED_TARGET_ANNOTATIONS = "Warped target annotations"
 WARNINGS = "Warnings"  # the warnings raised while registering the pair, "; "-separated
 PAIR_FOLDER = "Pair folder"  # the pair's folder name: what identifies a row when a rerun merges the table
 RESULT_COLUMNS = (
     WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS, WARPED_SOURCE_LANDMARKS_AFFINE, WARPED_SOURCE_IMAGE,
     DISPLACEMENT_FIELD, ITK_DISPLACEMENT_FIELD, EXECUTION_TIME, STATUS, WARNINGS, PAIR_FOLDER, *QUALITY_COLUMNS,
+    WARPED_SOURCE_ANNOTATIONS, WARPED_TARGET_ANNOTATIONS,
 )
 STAGES = ("initial", "affine", "nonrigid")
+# long side (px) of a target above which the warped source is a tiled pyramidal OME-TIFF rather than one flat image
+PYRAMID_ABOVE = 8192
 RESULTS_TABLE = "registration-results.csv"
 SUMMARY = "registration-summary.json"
 # Hidden folders of a run: ``.<pair>.<run token>.partial`` (being written), ``.<pair>.<run token>.old`` (replaced).
@@ -105,7 +114,7 @@ class BatchRegistration:
     """Registers the pairs of a cover table into ``output_dir``; a failed pair is recorded and the run goes on.
 
     Per pair, ``<output_dir>/<pair name>/`` receives the warped source (target's original grid, colour, source's bit
-    depth), the displacement field (NIfTI, ITK .mha, JSON), the warped landmarks when landmark files are given,
+    depth), the displacement field (NIfTI, ITK .mha, JSON), the warped landmarks and annotations (GeoJSON) when given,
     checkerboard and overlay PNGs of each stage and ``registration.json`` (timings, affine, landmark scores, the
     inputs, the warnings raised). The pair folder is assembled under a hidden name unique to the run and renamed
     into place, so it is either complete or absent. Beside them: ``registration-results.csv`` (the cover table plus
@@ -122,6 +131,9 @@ class BatchRegistration:
         output_dir: where results go; created if needed. Inputs are only read.
         skip_done: leave a pair whose folder is complete, from the same input paths, as it is (so that an
             interrupted batch resumes where it stopped); False registers every pair again.
+        pyramid_above: targets whose long side exceeds this (px) get ``warped-source.ome.tiff``, a tiled pyramidal
+            OME-TIFF written tile by tile, instead of the flat PNG/TIFF; 0 for always.
+        output_level: the warped source's grid is the target's level 0 halved this many times.
     """
 
     def __init__(
@@ -130,6 +142,8 @@ class BatchRegistration:
         pairs: tuple[list[str], list[PairRow]],
         output_dir: str | Path,
         skip_done: bool = True,
+        pyramid_above: int = PYRAMID_ABOVE,
+        output_level: int = 0,
     ) -> None:
         self.registration = registration
         self.columns, self.rows = pairs
@@ -153,6 +167,8 @@ class BatchRegistration:
         if self.exit_code != ExitCode.OK:
             raise SystemExit(self.exit_code)
         return summary
+        self.pyramid_above = pyramid_above
+        self.output_level = output_level
 
     def run(self) -> dict:
         """Register the pairs; returns the summary that is also written to ``registration-summary.json``.
@@ -322,14 +338,17 @@ class BatchRegistration:
         try:
             started = time.perf_counter()
             suffix = ".png" if source.bit_depth == 8 else ".tif"
-            # only a slide held in memory is warped whole; whole slides get the tiled writer (issue 12, part 3)
-            if isinstance(source, ArraySlide):
-                write_slide(staging / f"warped-source{suffix}", transform.warp_source(source.pixels), source.bit_depth)
+            if max(transform.geometry.target_shape) > self.pyramid_above:
+                suffix = ".ome.tiff"
+                transform.write_warped(staging / f"warped-source{suffix}", source, self.output_level)
+            else:
+                write_slide(staging / f"warped-source{suffix}", transform.warp_source(source, self.output_level),
+                            source.bit_depth)
             # uncompressed: gzip shrinks a float32 field by about 10 % and took 0.1 s per sample pair
             transform.save_field(staging / "displacement-field.nii")
             transform.save_itk_field(staging / "displacement-field-itk.mha")
             outputs = {
-                WARPED_SOURCE_IMAGE: f"{pair.name}/warped-source{suffix}" if isinstance(source, ArraySlide) else "",
+                WARPED_SOURCE_IMAGE: f"{pair.name}/warped-source{suffix}",
                 DISPLACEMENT_FIELD: f"{pair.name}/displacement-field.nii",
                 ITK_DISPLACEMENT_FIELD: f"{pair.name}/displacement-field-itk.mha",
                 WARPED_SOURCE_LANDMARKS: "",
@@ -337,6 +356,8 @@ class BatchRegistration:
                 WARPED_SOURCE_LANDMARKS_AFFINE: "",
                 STATUS: "OK" if result.quality is None else result.quality.status(),
                 **({} if result.quality is None else result.quality.table_cells()),
+                WARPED_SOURCE_ANNOTATIONS: "",
+                WARPED_TARGET_ANNOTATIONS: "",
             }
             warped_source_landmarks = {}
             if source_landmarks is not None:
@@ -348,6 +369,14 @@ class BatchRegistration:
             if target_landmarks is not None:
                 write_landmarks(staging / "warped-target-landmarks.csv", transform.target_to_source(target_landmarks))
                 outputs[WARPED_TARGET_LANDMARKS] = f"{pair.name}/warped-target-landmarks.csv"
+            for column, frame, output_column in (
+                (SOURCE_ANNOTATIONS, "source", WARPED_SOURCE_ANNOTATIONS),
+                (TARGET_ANNOTATIONS, "target", WARPED_TARGET_ANNOTATIONS),
+            ):
+                if pair.path(column) is not None:
+                    name = f"warped-{frame}-annotations.geojson"
+                    map_geojson(pair.path(column), staging / name, transform, frame)
+                    outputs[output_column] = f"{pair.name}/{name}"
             for stage in STAGES:
                 save_stage_panels(staging, stage, result.fixed, result.stages[stage])
             timings["outputs"] = time.perf_counter() - started

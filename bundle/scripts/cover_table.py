@@ -18,6 +18,9 @@ PATH_COLUMNS = (TARGET_IMAGE, SOURCE_IMAGE, TARGET_LANDMARKS, SOURCE_LANDMARKS)
 # Longest pair folder name, in UTF-8 bytes: NAME_MAX is 255 on Linux and macOS file systems, and the runner's
 # staging and retired names add a dot, a run token and a suffix (under 30 bytes) to the folder name.
 MAX_FOLDER_NAME_BYTES = 200
+# optional GeoJSON (QuPath) of either slide, mapped into the other's frame
+TARGET_ANNOTATIONS = "Target annotations"
+SOURCE_ANNOTATIONS = "Source annotations"
 
 
 @dataclass(frozen=True)
@@ -118,16 +121,25 @@ def read_cover_table(path: str | Path) -> tuple[list[str], list[PairRow]]:
 
 
 def single_pair_table(
-    source: str, target: str, source_landmarks: str | None = None, target_landmarks: str | None = None
+    source: str,
+    target: str,
+    source_landmarks: str | None = None,
+    target_landmarks: str | None = None,
+    source_annotations: str | None = None,
+    target_annotations: str | None = None,
 ) -> tuple[list[str], list[PairRow]]:
-    """The one-row table for ``--source/--target`` runs; relative paths resolve against the working directory."""
+    """The one-row table for ``--source/--target`` runs; relative paths resolve against the working directory.
+    The annotation columns are there only when annotations are given."""
     row = {
         TARGET_IMAGE: str(target),
         SOURCE_IMAGE: str(source),
         TARGET_LANDMARKS: str(target_landmarks or ""),
         SOURCE_LANDMARKS: str(source_landmarks or ""),
     }
-    return list(PATH_COLUMNS), [PairRow(0, row, Path.cwd())]
+    if source_annotations or target_annotations:
+        row[TARGET_ANNOTATIONS] = str(target_annotations or "")
+        row[SOURCE_ANNOTATIONS] = str(source_annotations or "")
+    return list(row), [PairRow(0, row, Path.cwd())]
 
 
 def select_pairs(
@@ -137,6 +149,8 @@ def select_pairs(
     source_landmarks: str | None,
     target_landmarks: str | None,
     sample_pairs_csv: str,
+    source_annotations: str | None = None,
+    target_annotations: str | None = None,
 ) -> tuple[list[str], list[PairRow]]:
     """The pairs a run registers: ``--source/--target`` if given, else ``--pairs_csv``, else the embedded sample."""
     if source or target:
@@ -145,8 +159,12 @@ def select_pairs(
             raise UsageError(missing, "missing: --source and --target go together, give both images of the pair")
         if pairs_csv:
             raise UsageError("--pairs_csv", "give either --pairs_csv or --source/--target, not both")
-        return single_pair_table(source, target, source_landmarks, target_landmarks)
+        annotations = (source_annotations, target_annotations)
+        return single_pair_table(source, target, source_landmarks, target_landmarks, *annotations)
     if source_landmarks or target_landmarks:
         given = "--source_landmarks" if source_landmarks else "--target_landmarks"
         raise UsageError(given, "landmark options need --source/--target; a cover table names its own landmarks")
+    if source_annotations or target_annotations:
+        given = "--source_annotations" if source_annotations else "--target_annotations"
+        raise UsageError(given, "annotation options need --source/--target; a cover table names its own annotations")
     return read_cover_table(pairs_csv or sample_pairs_csv)

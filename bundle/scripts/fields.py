@@ -10,13 +10,16 @@ import torch
 import torch.nn.functional as F
 
 
-def pull(image: torch.Tensor, positions: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+def pull(
+    image: torch.Tensor, positions: torch.Tensor, padding_mode: str = "zeros", mode: str = "bilinear"
+) -> torch.Tensor:
     """Bilinear values of an image at arbitrary positions: the sampling step of MONAI's ``Warp``, without its grid.
 
     Args:
         image: (1, C, H, W).
         positions: (N, 2, h, w) where to read, (row, column) in pixels of the image's grid (pixel centres at integers).
         padding_mode: ``grid_sample``'s rule outside the image: "zeros" or "border".
+        mode: "bilinear", or "nearest" for label images.
     Returns:
         (N, C, h, w).
     """
@@ -26,7 +29,7 @@ def pull(image: torch.Tensor, positions: torch.Tensor, padding_mode: str = "zero
     count, _, rows, cols = positions.shape
     # the N position sets stacked along the rows: one batch of one image, so the image is never copied N times
     grid = (positions.flip(1).permute(0, 2, 3, 1) * 2 / extent - 1).reshape(1, count * rows, cols, 2)
-    values = F.grid_sample(image, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    values = F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return values.view(image.shape[1], count, rows, cols).transpose(0, 1)
 
 

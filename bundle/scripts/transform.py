@@ -19,17 +19,31 @@ interpolation.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .fields import identity_grid, invert_points, sample_field
+from .fields import identity_grid, invert_points, pull, sample_field
 from .preprocess import PairGeometry
+from .pyramid_writer import write_pyramid
+from .slide_image import SlideImage
 from .slide_io import atomic_path
+from .errors import RegistrationInputError
+
+# the files of a pair folder that SlideTransform.load reads (run inference writes them)
+REGISTRATION_RECORD = "registration.json"
+DISPLACEMENT_FIELD_FILE = "displacement-field.nii"
+# working pixels inverted per fixed-point solve in SlideTransform.inverse, bounding its memory
+_INVERSION_CHUNK = 1 << 18
+
+# tiles of the flat (whole-array) warp: large, since the whole output is in memory anyway
+_FLAT_TILE = 2048
+# a tile whose source region exceeds this many times its own pixel count is warped in quarters
+_MAX_REGION_TILES = 16
 
 FIELD_CONVENTION = (
     "Pull (backward) displacement on the working grid of the target: a working pixel x (row, column) of the target "
@@ -59,6 +73,11 @@ ITK_FIELD_CONVENTION = (
 class SlideTransform:
     """Target-to-source mapping of a registered pair.
 
+    Public use: :meth:`load` a saved registration folder, then map points with :meth:`target_to_source` /
+    :meth:`source_to_target` ([X, Y] level-0 pixels), warp a source slide onto the target's grid with
+    :meth:`warp_tiles` (tile by tile, any size) or :meth:`warp_source` (one array), and target slides onto the
+    source's grid with the same methods of :meth:`inverse`.
+
     Attributes:
         geometry: original <-> working pixel relation of both slides.
         affine: (2, 3) initial alignment in working pixels, (row, column): source = A[:, :2] @ target + A[:, 2].
@@ -82,50 +101,234 @@ class SlideTransform:
         fixed-point iteration.
         """
         working = torch.as_tensor(self.geometry.to_working(points[:, ::-1], "source"), dtype=torch.float32)
+        moved = self._invert_working(working)
+        return self.geometry.from_working(moved.double().numpy(), "target")[:, ::-1].copy()
+
+    def _invert_working(self, working: torch.Tensor) -> torch.Tensor:
+        """(N, 2) (row, column) source working positions -> the target working positions that pull from them."""
         linear, shift = self.affine[:, :2].double().cpu(), self.affine[:, 2].double().cpu()
         inverse = torch.linalg.inv(linear)
-        unaffine = ((working.double() - shift) @ inverse.T).float()
         grid = identity_grid(tuple(self.field.shape[-2:]), self.field.device)
         positions = (grid + self.field).squeeze(0).flatten(1).t().double().cpu()  # (h*w, 2) source working positions
         residual = ((positions - shift) @ inverse.T).float().t().reshape(self.field.shape) - grid.cpu()
-        moved = invert_points(residual, unaffine)
-        return self.geometry.from_working(moved.double().numpy(), "target")[:, ::-1].copy()
+        unaffine = ((working.double() - shift) @ inverse.T).float()
+        return torch.cat([invert_points(residual, chunk) for chunk in unaffine.split(_INVERSION_CHUNK)])
 
-    def warp_source(self, source: np.ndarray, band_rows: int = 512) -> np.ndarray:
-        """Resample the original-resolution source onto the target's original pixel grid, once.
+    def inverse(self) -> SlideTransform:
+        """The transform of the swapped pair (source as target): warps target images onto the source's grid.
+
+        Its field is the inverse of this one on the (shared) working grid, solved at every working pixel by the
+        fixed-point iteration of :meth:`source_to_target`; its affine is the exact inverse. Its point mappings are
+        this one's, swapped, to the inversion's tolerance.
+        """
+        height, width = self.field.shape[-2:]
+        grid = identity_grid((height, width))
+        points = grid[0].flatten(1).t()  # (h*w, 2) working pixels of the source
+        moved = self._invert_working(points)
+        field = moved.t().reshape(1, 2, height, width) - grid
+        linear, shift = self.affine[:, :2].double().cpu(), self.affine[:, 2].double().cpu()
+        inverse = torch.linalg.inv(linear)
+        affine = torch.cat([inverse, -(inverse @ shift)[:, None]], 1).to(self.affine)
+        return SlideTransform(_swapped(self.geometry), affine, field.to(self.field))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SlideTransform:
+        """The transform a registration saved: the pair folder ``run inference`` writes, no network needed.
+
+        Reads the geometry and the affine from ``registration.json`` and the total field from
+        ``displacement-field.nii`` (working grid; components on NIfTI's 4th axis, (h, w, 1, 2), or as a vector image
+        on the 5th, (h, w, 1, 1, 2)).
+
+        Raises:
+            RegistrationInputError: a file is missing, unreadable or inconsistent with the others.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise RegistrationInputError(folder, "not a registration folder (run inference writes one per pair)")
+        record_path = folder / REGISTRATION_RECORD
+        try:
+            record = json.loads(record_path.read_text())
+            values = record["geometry"].items()
+            geometry = PairGeometry(**{key: tuple(v) if isinstance(v, list) else v for key, v in values})
+            affine = torch.tensor(record["affine_working_pixels"], dtype=torch.float32)
+        except FileNotFoundError:
+            raise RegistrationInputError(record_path, "not found: not a registration folder") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise RegistrationInputError(record_path, f"cannot be read as a registration record: {error!r}") from error
+        if affine.shape != (2, 3):
+            raise RegistrationInputError(record_path, f"affine_working_pixels is {tuple(affine.shape)}, not (2, 3)")
+        field_path = folder / DISPLACEMENT_FIELD_FILE
+        try:
+            data = np.asarray(nib.load(str(field_path)).dataobj, dtype=np.float32)
+        except FileNotFoundError:
+            raise RegistrationInputError(field_path, "not found: the registration folder lacks its field") from None
+        except Exception as error:  # nibabel fails with many types for one meaning
+            raise RegistrationInputError(field_path, f"cannot be read as NIfTI: {error}") from error
+        expected = tuple(geometry.working_shape)
+        if data.shape[:2] != expected or data.shape[2:] not in ((1, 2), (1, 1, 2)):
+            raise RegistrationInputError(
+                field_path, f"field array is {data.shape}; expected {(*expected, 1, 2)} or {(*expected, 1, 1, 2)}"
+            )
+        if not np.isfinite(data).all():
+            raise RegistrationInputError(field_path, "field contains NaN or infinite values")
+        field = torch.from_numpy(data.reshape(*expected, 2)).permute(2, 0, 1)[None].contiguous()
+        return cls(geometry, affine, field)
+
+    def output_shape(self, output_level: int = 0) -> tuple[int, int]:
+        """(rows, columns) of the target grid at ``output_level``: level 0 halved ``output_level`` times (ceil)."""
+        factor = 2**output_level
+        return tuple(-(-size // factor) for size in self.geometry.target_shape)
+
+    def warp_tiles(
+        self, source: SlideImage, output_level: int = 0, tile_size: int = 512, labels: bool = False
+    ) -> Iterator[np.ndarray]:
+        """The source resampled once onto the target's grid, tile by tile, reading only the regions tiles pull from.
+
+        For each output tile the working-grid field is interpolated at the tile's pixels, the source region those
+        pixels pull from (their bounding box plus the interpolation's neighbours) is read through
+        ``source.read_region`` at the coarsest source level no coarser than the output's pixels, and resampled once.
+        An output pixel's value depends only on its own position (up to float32 rounding of its position within the
+        region read): tiles join without seams and equal a whole-image warp. Memory is the field plus a few tiles and
+        their source regions; a tile whose region would be much larger than the tile (a strongly shrinking or
+        folding field) is split into quarters.
 
         Args:
-            source: (Hs, Ws, C) float in [0, 1], white background.
-            band_rows: target rows resampled at a time; bounds memory for large slides.
-        Returns:
-            (Ht, Wt, C) float32; where the source has no data the result is white (glass).
+            source: the source slide (level-0 shape ``geometry.source_shape``).
+            output_level: the output grid is the target's level 0 halved this many times (:meth:`output_shape`).
+            tile_size: output tile side, px.
+            labels: nearest-neighbour for label images (masks), outside the source reads 0; else bilinear, outside
+                the source reads white (glass).
+        Yields:
+            (h, w, C) float32 tiles in [0, 1], row-major over the tile grid of :meth:`output_shape`, edge tiles
+            cropped.
         """
-        height, width = self.geometry.target_shape
-        device = self.field.device
-        # 1 - image so that zero padding outside the source reads as white glass
-        inverted = 1.0 - torch.as_tensor(source, dtype=torch.float32, device=device).permute(2, 0, 1)[None]
-        scale = torch.as_tensor(self.geometry.scale, dtype=torch.float32, device=device)
-        target_offset = torch.as_tensor(self.geometry.target_offset, dtype=torch.float32, device=device)
-        source_offset = torch.as_tensor(self.geometry.source_offset, dtype=torch.float32, device=device)
-        target_zoom = torch.as_tensor(self.geometry.target_zoom, dtype=torch.float32, device=device)
-        source_zoom = torch.as_tensor(self.geometry.source_zoom, dtype=torch.float32, device=device)
-        field_shape = torch.as_tensor(self.field.shape[-2:], dtype=torch.float32, device=device)
-        source_shape = torch.as_tensor(self.geometry.source_shape, dtype=torch.float32, device=device)
-        columns = torch.arange(width, dtype=torch.float32, device=device)
-        bands = []
-        for start in range(0, height, band_rows):
-            rows = torch.arange(start, min(start + band_rows, height), dtype=torch.float32, device=device)
-            pixels = torch.stack(torch.meshgrid(rows, columns, indexing="ij"), dim=-1)  # (h, W, 2) target pixels
-            working = (pixels * target_zoom + (target_zoom - 1) / 2 + target_offset + 0.5) * scale - 0.5
-            # field value at each target pixel: bilinear on the working grid (align_corners=True normalisation)
-            norm = (working / (field_shape - 1).clamp(min=1) * 2 - 1).flip(-1)[None]
-            displacement = F.grid_sample(self.field, norm, mode="bilinear", padding_mode="border", align_corners=True)
-            moved = working + displacement[0].permute(1, 2, 0)
-            source_pixels = ((moved + 0.5) / scale - 0.5 - source_offset - (source_zoom - 1) / 2) / source_zoom
-            norm = (source_pixels / (source_shape - 1).clamp(min=1) * 2 - 1).flip(-1)[None]
-            bands.append(F.grid_sample(inverted, norm, mode="bilinear", padding_mode="zeros", align_corners=True))
-        warped = 1.0 - torch.cat(bands, dim=2)[0].permute(1, 2, 0)
-        return warped.clamp(0, 1).cpu().numpy()
+        if tuple(source.shape) != tuple(self.geometry.source_shape):
+            raise ValueError(f"source is {source.shape} px, the registration's source {self.geometry.source_shape}")
+        height, width = self.output_shape(output_level)
+        level = self._source_level(source, 2**output_level)
+        for top in range(0, height, tile_size):
+            for left in range(0, width, tile_size):
+                rows = (top, min(top + tile_size, height))
+                columns = (left, min(left + tile_size, width))
+                yield self._warp_block(source, level, 2**output_level, rows, columns, labels)
+
+    def warp_source(self, source: SlideImage, output_level: int = 0, labels: bool = False) -> np.ndarray:
+        """The whole warped source as one array (:meth:`warp_tiles` assembled): for small slides and flat outputs.
+
+        Returns:
+            (*output_shape(output_level), C) float32 in [0, 1].
+        """
+        height, width = self.output_shape(output_level)
+        warped = np.empty((height, width, source.channels), dtype=np.float32)
+        tiles = self.warp_tiles(source, output_level, _FLAT_TILE, labels)
+        for top in range(0, height, _FLAT_TILE):
+            for left in range(0, width, _FLAT_TILE):
+                tile = next(tiles)
+                warped[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
+        return warped
+
+    def write_warped(
+        self,
+        path: str | Path,
+        source: SlideImage,
+        output_level: int = 0,
+        tile_size: int = 512,
+        labels: bool = False,
+        compression: str | None = None,
+    ) -> None:
+        """Warp ``source`` tile by tile (:meth:`warp_tiles`) into a tiled pyramidal OME-TIFF at ``path``, with the
+        target's microns per pixel where its file stated them (see :func:`scripts.pyramid_writer.write_pyramid`)."""
+        mpp = getattr(self.geometry, "target_mpp", None)  # recorded by PairGeometry when the slide's file states it
+        write_pyramid(
+            path,
+            self.warp_tiles(source, output_level, tile_size, labels),
+            self.output_shape(output_level),
+            source.channels,
+            source.bit_depth,
+            mpp=None if mpp is None else tuple(value * 2**output_level for value in mpp),
+            tile_size=tile_size,
+            compression=compression,
+            labels=labels,
+        )
+
+    def _source_level(self, source: SlideImage, output_downsample: int) -> int:
+        """The coarsest source level whose pixels are no larger than the source extent of one output pixel."""
+        working = self.geometry.to_working(np.array([[0.0, 0.0], [1.0, 1.0]]), "target")
+        corners = self.geometry.from_working(working, "source")
+        source_per_target = float(np.min(np.abs(corners[1] - corners[0])))
+        needed = output_downsample * source_per_target * (1 + 1e-6)
+        fitting = [i for i, level in enumerate(source.levels) if max(level.downsample) <= needed]
+        return fitting[-1] if fitting else 0
+
+    def _warp_block(
+        self,
+        source: SlideImage,
+        level: int,
+        downsample: int,
+        rows: tuple[int, int],
+        columns: tuple[int, int],
+        labels: bool,
+    ) -> np.ndarray:
+        """Output pixels ``rows x columns`` (half-open) of the warped source, (h, w, C) float32."""
+        positions = self._pull_positions(source, level, downsample, rows, columns)
+        height, width = source.levels[level].shape
+        # the region holds every pixel a position reads, at most one pixel beyond the level: all white there
+        low = positions.flatten(2).amin(2)[0].floor().cpu().numpy().astype(int)
+        high = positions.flatten(2).amax(2)[0].floor().cpu().numpy().astype(int) + 2
+        start = np.clip(low, -1, [height, width])
+        stop = np.clip(high, start + 1, [height + 1, width + 1])
+        shape = (rows[1] - rows[0], columns[1] - columns[0])
+        if np.prod(stop - start) > _MAX_REGION_TILES * np.prod(shape) and min(shape) > 1:
+            return self._split_block(source, level, downsample, rows, columns, labels)
+        region = source.read_region(level, (int(start[0]), int(stop[0])), (int(start[1]), int(stop[1])))
+        region = torch.from_numpy(region).to(positions.device).permute(2, 0, 1)[None]
+        local = positions - positions.new_tensor(start).view(1, 2, 1, 1)
+        if labels:
+            values = pull(region, local, mode="nearest")
+            limits = positions.new_tensor([height, width]).view(1, 2, 1, 1) - 0.5
+            values = values.masked_fill(((positions < -0.5) | (positions >= limits)).any(1, keepdim=True), 0.0)
+        else:
+            values = 1 - pull(1 - region, local)  # zero padding of 1 - image: white glass beyond the region
+        return values[0].permute(1, 2, 0).cpu().numpy()
+
+    def _split_block(self, source, level, downsample, rows, columns, labels) -> np.ndarray:
+        """A block warped as four quarters, so that no region read is much larger than the block."""
+        middle_row, middle_column = (rows[0] + rows[1]) // 2, (columns[0] + columns[1]) // 2
+        halves = []
+        for row_range in ((rows[0], middle_row), (middle_row, rows[1])):
+            halves.append(
+                np.concatenate(
+                    [
+                        self._warp_block(source, level, downsample, row_range, column_range, labels)
+                        for column_range in ((columns[0], middle_column), (middle_column, columns[1]))
+                    ],
+                    axis=1,
+                )
+            )
+        return np.concatenate(halves, axis=0)
+
+    def _pull_positions(
+        self, source: SlideImage, level: int, downsample: int, rows: tuple[int, int], columns: tuple[int, int]
+    ) -> torch.Tensor:
+        """Where output pixels ``rows x columns`` pull from: (1, 2, h, w) (row, column) pixels of the source level.
+
+        PairGeometry's maps between original and working pixels are affine per axis: the target's are evaluated
+        exactly (float64) on the tile's rows and columns, the source's and the level's applied as one scale and
+        shift per axis to the float32 pulled positions.
+        """
+        axes = []
+        for axis, (first, stop) in enumerate((rows, columns)):
+            points = np.zeros((stop - first, 2))
+            points[:, axis] = np.arange(first, stop) * downsample + (downsample - 1) / 2  # level-0 target pixels
+            axes.append(torch.as_tensor(self.geometry.to_working(points, "target")[:, axis], dtype=torch.float32))
+        working = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].to(self.field.device)
+        moved = working + pull(self.field, working, padding_mode="border")
+        # source working pixel -> source level pixel: (from_working(w) + 0.5) / level downsample - 0.5
+        ends = self.geometry.from_working(np.array([[0.0, 0.0], [1.0, 1.0]]), "source")
+        level_downsample = np.asarray(source.levels[level].downsample)
+        slope = (ends[1] - ends[0]) / level_downsample
+        shift = (ends[0] + 0.5) / level_downsample - 0.5
+        return moved * moved.new_tensor(slope).view(1, 2, 1, 1) + moved.new_tensor(shift).view(1, 2, 1, 1)
 
     def save_field(self, path: str | Path) -> None:
         """Write the total field as a NIfTI vector image (see ``FIELD_CONVENTION``) and the geometry beside it as JSON."""
@@ -194,3 +397,13 @@ class SlideTransform:
         with atomic_path(path) as tmp, tmp.open("wb") as handle:
             handle.write("".join(f"{key} = {value}\n" for key, value in header.items()).encode("ascii"))
             handle.write(data.tobytes())
+
+def _swapped(geometry: PairGeometry) -> PairGeometry:
+    """The geometry with the roles of target and source exchanged (every ``target_*`` / ``source_*`` field)."""
+    values = {field.name: getattr(geometry, field.name) for field in fields(geometry)}
+    swapped = {
+        name: values["source_" + name[7:]] if name.startswith("target_") else
+        values["target_" + name[7:]] if name.startswith("source_") else value
+        for name, value in values.items()
+    }
+    return PairGeometry(**swapped)
