@@ -14,7 +14,7 @@ from scripts.apply import ApplyRegistration
 from scripts.cover_table import PATH_COLUMNS, select_pairs
 from scripts.errors import RegistrationInputError
 from scripts.slide_io import read_landmarks, read_slide
-from test_bundle_commands import run_bundle, small_pair  # noqa: F401 (a fixture)
+from test_bundle_commands import run_bundle  # small_pair, the fixture, is in conftest.py
 
 
 def _geojson_points(path, points_xy: np.ndarray) -> str:
