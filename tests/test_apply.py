@@ -125,5 +125,5 @@ def test_annotation_options_of_a_single_pair(tmp_path):
     assert columns[-2:] == ["Target annotations", "Source annotations"]
     assert row.path("Source annotations") == tmp_path.cwd() / "s.geojson" and row.path("Target annotations") is None
     assert select_pairs(None, "s.svs", "t.ome.tiff", None, None, "unused")[0] == list(PATH_COLUMNS)
-    with pytest.raises(ValueError, match="--source_annotations/--target_annotations need --source/--target"):
+    with pytest.raises(ValueError, match="annotation options need --source/--target"):
         select_pairs("pairs.csv", None, None, None, None, "unused", target_annotations="t.geojson")

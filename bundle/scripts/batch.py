@@ -149,6 +149,8 @@ class BatchRegistration:
         self.columns, self.rows = pairs
         self.output_dir = Path(output_dir)
         self.skip_done = skip_done
+        self.pyramid_above = pyramid_above
+        self.output_level = output_level
         self.exit_code = ExitCode.OK  # of the last run
         self._token = secrets.token_hex(4)  # this run's staging and retired folder names
         self._current: tuple[PairRow, list[warnings.WarningMessage]] | None = None  # the pair being registered
@@ -167,8 +169,6 @@ class BatchRegistration:
         if self.exit_code != ExitCode.OK:
             raise SystemExit(self.exit_code)
         return summary
-        self.pyramid_above = pyramid_above
-        self.output_level = output_level
 
     def run(self) -> dict:
         """Register the pairs; returns the summary that is also written to ``registration-summary.json``.
