@@ -45,8 +45,8 @@ def hostile(small_pair, tmp_path_factory) -> Path:
     Image.fromarray(dot).save(folder / "dot.png")
     Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(folder / "noise.png")
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(folder / "tiny.png")
-    rgba = np.dstack([np.asarray(Image.open(small_pair / "source.png")), np.zeros((236, 350), np.uint8)[:, :]])
-    Image.fromarray(rgba[: rgba.shape[0], : rgba.shape[1]]).save(folder / "transparent.png")
+    tissue = np.asarray(Image.open(small_pair / "source.png").convert("RGB"))
+    Image.fromarray(np.dstack([tissue, np.zeros(tissue.shape[:2], np.uint8)])).save(folder / "transparent.png")
     _forged_tiff(folder / "forged.tif", 60_000, 1024, 1)  # 31 kB declaring 60,000 x 60,000 RGB, one tile offset
     os.mkfifo(folder / "fifo.csv")
     long = "x" * 125
