@@ -39,6 +39,7 @@ from .sharding import Shard
 from .slide_io import atomic_path, read_landmarks, write_landmarks, write_slide
 from .slide_reader import open_slide
 from .transform import SlideTransform
+from .usage import USAGE_EXIT_STATUS
 from .visualise import save_stage_panels
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class ExitCode(IntEnum):
 
     OK = 0  # every pair registered (warnings allowed)
     PAIR_FAILED = 1  # at least one pair of the run failed; every pair was tried, the table and summary written
-    USAGE = 2  # the command line or config cannot run
+    USAGE = USAGE_EXIT_STATUS  # the command line or config cannot run (scripts/usage.py exits with it)
     OUTPUT_LOCKED = 3  # another run holds the output folder
     TERMINATED = 128 + signal.SIGTERM  # stopped by SIGTERM; the unfinished pair left nothing behind
 
