@@ -32,10 +32,11 @@ SOURCE_CUT = 40  # columns cut off the source's right side
 WORKING_SIZE = 96
 
 
-def _slide(name: str, margin: int = 0, cut: int = 0) -> np.ndarray:
-    """(H, W, 3) float32 in [0, 1]: a sample slide at SCALE, ``margin`` white rows added above, ``cut`` columns off."""
+def _slide(name: str, margin: int = 0, cut: int = 0, scale: float = SCALE) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1]: a sample slide at ``scale``, ``margin`` white rows added above, ``cut`` columns
+    off."""
     with Image.open(KIDNEY / name) as image:
-        small = image.convert("RGB").resize((round(image.width * SCALE), round(image.height * SCALE)), Image.LANCZOS)
+        small = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
     pixels = np.asarray(small, dtype=np.float32) / 255
     return np.pad(pixels[:, : pixels.shape[1] - cut], ((margin, 0), (0, 0), (0, 0)), constant_values=1.0)
 
@@ -48,19 +49,34 @@ def _nonrigid(shape: tuple[int, int]) -> torch.Tensor:
     return torch.stack([1.5 * first - 1.0 * second, -0.8 * first + 1.4 * second])[None]
 
 
-@pytest.fixture(scope="module")
-def pair() -> tuple[SlideTransform, np.ndarray]:
-    """The transform of the downscaled sample pair and the source pixels it warps."""
-    target_shape = _slide("Rat-Kidney_HE.jpg").shape[:2]
-    source = _slide("Rat-Kidney_PanCytokeratin.jpg", SOURCE_MARGIN, SOURCE_CUT)
-    geometry = PairGeometry.create(target_shape, source.shape[:2], WORKING_SIZE)
+def _transform(geometry: PairGeometry) -> SlideTransform:
+    """An affine (rotation, scaling, shift) composed with two swirls on the working grid, as the engine builds one."""
     angle = math.radians(12.0)
     linear = 1.04 * torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     centre = (torch.tensor(geometry.working_shape, dtype=torch.float32) - 1) / 2
     matrix = torch.cat([linear, (centre - linear @ centre + torch.tensor([2.0, -3.0]))[:, None]], 1)
     # as the engine composes the nonrigid increments onto the affine
     field = compose_fields(affine_to_field(matrix, geometry.working_shape), _nonrigid(geometry.working_shape))
-    return SlideTransform(geometry, matrix, field), source
+    return SlideTransform(geometry, matrix, field)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[SlideTransform, np.ndarray]:
+    """The transform of the downscaled sample pair and the source pixels it warps."""
+    target_shape = _slide("Rat-Kidney_HE.jpg").shape[:2]
+    source = _slide("Rat-Kidney_PanCytokeratin.jpg", SOURCE_MARGIN, SOURCE_CUT)
+    return _transform(PairGeometry.create(target_shape, source.shape[:2], WORKING_SIZE)), source
+
+
+@pytest.fixture(scope="module")
+def zoomed_pair() -> tuple[SlideTransform, np.ndarray]:
+    """The pair with a source scanned at 0.2 um/px and a target at 0.3 um/px: the source's level 0 is 1.5 times
+    finer, and registered at the target's pixel size (source zoom 2/3)."""
+    target_shape = _slide("Rat-Kidney_HE.jpg").shape[:2]
+    source = _slide("Rat-Kidney_PanCytokeratin.jpg", 3 * SOURCE_MARGIN // 2, 3 * SOURCE_CUT // 2, 1.5 * SCALE)
+    geometry = PairGeometry.create(target_shape, source.shape[:2], WORKING_SIZE, (0.3, 0.3), (0.2, 0.2))
+    assert geometry.target_zoom == (1.0, 1.0) and np.allclose(geometry.source_zoom, 2 / 3)
+    return _transform(geometry), source
 
 
 def test_geometry_is_coarser_than_the_slides_with_both_offsets(pair):
@@ -126,8 +142,21 @@ def test_itk_field_grid_is_the_working_grid_in_the_target_frame(pair, tmp_path):
     assert dict(field)["Convention"] == ITK_FIELD_CONVENTION
 
 
-def test_itk_displacement_field_transform_maps_points_like_slide_transform(pair, tmp_path):
-    transform, _ = pair
+def test_itk_field_grid_of_slides_with_different_pixel_sizes_reaches_beyond_the_target(zoomed_pair, tmp_path):
+    transform, _ = zoomed_pair
+    geometry = transform.geometry
+    field = _itk_field(transform, tmp_path)
+    # one more node on each side: the displacement is not constant beyond the outer working nodes
+    assert tuple(itk.size(field)) == tuple(n + 2 for n in geometry.working_shape[::-1])
+    corners = geometry.from_working(np.array([[-1.0, -1.0], np.add(geometry.working_shape, 0)]), "target")
+    np.testing.assert_allclose(np.asarray(itk.origin(field)), corners[0, ::-1], atol=1e-9)
+    np.testing.assert_allclose(np.asarray(itk.spacing(field)), geometry.working_downsample("target")[::-1])
+    assert np.all(corners[0] <= -0.5) and np.all(corners[1] >= np.subtract(geometry.target_shape, 0.5))
+
+
+@pytest.mark.parametrize("pixel_sizes", ["same", "different"])
+def test_itk_displacement_field_transform_maps_points_like_slide_transform(pixel_sizes, request, tmp_path):
+    transform, _ = request.getfixturevalue("pair" if pixel_sizes == "same" else "zoomed_pair")
     height, width = transform.geometry.target_shape
     field = _itk_field(transform, tmp_path)
     itk_transform = itk.DisplacementFieldTransform[itk.F, 2].New()
@@ -156,8 +185,9 @@ def _itk_image(pixels: np.ndarray) -> itk.Image:
     return itk.image_from_array(np.ascontiguousarray(pixels, dtype=np.float32))
 
 
-def test_itk_warps_the_source_like_warp_source(pair, tmp_path):
-    transform, source = pair
+@pytest.mark.parametrize("pixel_sizes", ["same", "different"])
+def test_itk_warps_the_source_like_warp_source(pixel_sizes, request, tmp_path):
+    transform, source = request.getfixturevalue("pair" if pixel_sizes == "same" else "zoomed_pair")
     height, width = transform.geometry.target_shape
     expected = transform.warp_source(ArraySlide(np.ascontiguousarray(source), 8, "source"))
     field = _itk_field(transform, tmp_path)

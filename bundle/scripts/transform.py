@@ -4,7 +4,7 @@ The total field is saved twice. ``displacement-field.nii`` is the pipeline's own
 MONAI's index-space layout; ``FIELD_CONVENTION``): what the bundle re-reads. The ITK field (``.mha``,
 ``ITK_FIELD_CONVENTION``) is the same mapping as ITK, SimpleITK and TIAToolbox-style tools apply it: physical
 displacements on a grid in the target's original pixel frame. That grid is the working grid placed in the target frame
-(nodes at the working pixel centres' target positions, spacing ``common_shape / working_shape`` target pixels), not
+(nodes at the working pixel centres' target positions, spacing the target pixels per working pixel), not
 the target's own pixel grid: the pipeline's field is bilinear between working pixel centres with the edge value held
 up to half a pixel beyond, and ITK's linear interpolation does exactly the same between the nodes, so the file is the
 pipeline's mapping at every target position (not only at pixel centres), for a sample image or a whole slide alike,
@@ -63,9 +63,10 @@ ITK_FIELD_CONVENTION = (
     "itk.DisplacementFieldTransform / SimpleITK apply it to a target image and a source image both read with origin 0, "
     "spacing 1 and identity direction (ITK takes a JPEG's or TIFF's DPI as spacing: reset it to 1); resampling the "
     "source onto the target's grid with it gives the warped source. "
-    "Grid: the working grid placed in the target frame, identity direction, spacing = common_shape / working_shape "
-    "target pixels (x, y), origin = target position of working pixel (0, 0); linear interpolation between the nodes "
-    "is exact. Units: target / source pixels."
+    "Grid: the working grid placed in the target frame, identity direction, spacing = target pixels per working "
+    "pixel (x, y) (common_shape / working_shape / target_zoom), origin = target position of working pixel (0, 0), or "
+    "of working pixel (-1, -1) where the slides' microns per pixel differ (then the grid has one more node on each "
+    "side); linear interpolation between the nodes is exact. Units: target / source level-0 pixels."
 )
 
 
@@ -351,22 +352,34 @@ class SlideTransform:
     def physical_field(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The total field as an ITK displacement field in the target's original pixel frame (``ITK_FIELD_CONVENTION``).
 
-        A target position p (row, column) with working position w maps to the source position
-        ``(w + u(w) + 0.5) / scale - 0.5 - source_offset = p + u(w) / scale + target_offset - source_offset``, so the
-        displacement at the working pixel centres, placed at their target positions, is ``u / scale`` plus the offsets'
-        difference.
+        A working node w maps target level-0 position ``p = T(w)`` to source level-0 position ``q = S(w + u(w))``,
+        with ``T`` and ``S`` the geometry's working -> level-0 maps (affine per axis, their slopes the slides'
+        level-0 pixels per working pixel): the node's displacement is ``q - p``, placed at ``p``. Where the slides'
+        zooms differ (different microns per pixel) ``q - p`` has a part linear in ``w``, which ITK's held edge value
+        would cut short within half a node of the outer nodes: the grid then gains one node on each side, holding
+        the edge value of ``u`` as the pipeline does, so that linear interpolation stays exact over the target.
 
         Returns:
-            (h, w, 2) float64 displacement (x, y) = (column, row) in pixels on the working grid's nodes, and the grid's
-            (2,) origin and (2,) spacing (x, y) in target pixels.
+            (h, w, 2) float64 displacement (x, y) = (column, row) in pixels on the grid's nodes, and the grid's (2,)
+            origin and (2,) spacing (x, y) in target pixels.
         """
-        scale = self.geometry.scale
-        target_offset = np.asarray(self.geometry.target_offset, dtype=np.float64)
-        source_offset = np.asarray(self.geometry.source_offset, dtype=np.float64)
+        geometry = self.geometry
         field = self.field[0].permute(1, 2, 0).double().cpu().numpy()  # (h, w, 2) (row, column) working pixels
-        displacement = field / scale + (target_offset - source_offset)
-        origin = self.geometry.from_working(np.zeros((1, 2)), "target")[0]
-        return displacement[..., ::-1].copy(), origin[::-1].copy(), (1.0 / scale)[::-1].copy()
+        margin = 0 if tuple(geometry.target_zoom) == tuple(geometry.source_zoom) else 1
+        if margin:
+            field = np.pad(field, ((margin, margin), (margin, margin), (0, 0)), mode="edge")
+        ends = np.array([[0.0, 0.0], [1.0, 1.0]])
+        target, source = geometry.from_working(ends, "target"), geometry.from_working(ends, "source")
+        target_slope, source_slope = target[1] - target[0], source[1] - source[0]
+        displacement = np.empty_like(field)
+        for axis in range(2):
+            working = np.arange(field.shape[axis], dtype=np.float64) - margin
+            linear = (source_slope[axis] - target_slope[axis]) * working + (source[0, axis] - target[0, axis])
+            displacement[..., axis] = source_slope[axis] * field[..., axis] + (
+                linear[:, None] if axis == 0 else linear[None, :]
+            )
+        origin = target[0] - margin * target_slope
+        return displacement[..., ::-1].copy(), origin[::-1].copy(), target_slope[::-1].copy()
 
     def save_itk_field(self, path: str | Path) -> None:
         """Write :meth:`physical_field` as an uncompressed MetaImage (``.mha``) of float32 2-vectors.
