@@ -20,6 +20,7 @@ from scripts import PatchPyramidRegistration, SlidePairRegistration
 from scripts.errors import RegistrationInputError
 from scripts.preprocess import LUMA, MIN_STRUCTURE, MIN_TISSUE_FRACTION, require_tissue, tissue_content
 from scripts.slide_io import read_slide
+from tiff_slide import TiffSlide, write_tiff_pyramid
 
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")
 
@@ -121,3 +122,23 @@ def test_a_small_real_crop_still_passes():
     with pytest.raises(RegistrationInputError, match="too small to register: 63 x 64 px"):
         require_tissue(crop[:, :63], "crop.png", CONFIG["working_size"])
 
+
+
+def test_a_whole_slide_is_read_once_for_the_check_and_the_working_image(tmp_path):
+    # a pyramidal pair read through the tests' recording reader: the tissue check and the working image share one read
+    # of each slide, at the coarsest level that still has the working resolution (1164 px / 256 px: level 2 of 4x)
+    slides = []
+    for name in ("Rat-Kidney_HE.jpg", "Rat-Kidney_PanCytokeratin.jpg"):
+        pixels = read_slide(SAMPLE / "rat-kidney" / name).pixels
+        pixels = pixels[: pixels.shape[0] // 4 * 4, : pixels.shape[1] // 4 * 4]
+        slides.append(TiffSlide(write_tiff_pyramid(tmp_path / f"{name}.tif", pixels, levels=3)))
+    target, source = slides
+    networks = [UNet(**CONFIG["network_args"]) for _ in range(2)]
+    nonrigid = PatchPyramidRegistration(networks, patch_size=64, stride=32, iterations=1)
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    registration = SlidePairRegistration(nonrigid, lambda moving, fixed: identity, working_size=256)
+    registration(source, target)
+    for slide in slides:
+        assert slide.reads, slide.path
+        assert {level for level, _, _ in slide.reads} == {2}, slide.reads
+        assert len(set(slide.reads)) == len(slide.reads), f"a region of {slide.path} read twice: {slide.reads}"

@@ -24,7 +24,7 @@ from .errors import RegistrationInputError
 from .nonrigid import downsample
 
 from .slide_image import SlideImage
-from .slide_reader import read_downsampled
+from .slide_reader import Downsampled, read_downsampled
 
 # ITU-R BT.601 luma: the usual gray conversion; any fixed mix works since only structure is compared
 LUMA = (0.299, 0.587, 0.114)
@@ -103,20 +103,24 @@ def tissue_content(pixels: np.ndarray) -> TissueContent:
     return TissueContent(mask=mask, fraction=float(mask.float().mean()), structure=structure)
 
 
-def require_tissue(pixels: np.ndarray, path: str, working_size: int) -> TissueContent:
+def require_tissue(
+    pixels: np.ndarray, path: str, working_size: int, shape: tuple[int, int] | None = None
+) -> TissueContent:
     """Refuse a slide that is too small to register or holds no tissue, saying what was found.
 
     Args:
-        pixels: (H, W, C) float in [0, 1], C = 1 or 3, white background.
+        pixels: (H, W, C) float in [0, 1], C = 1 or 3, white background: the slide, or a reduced copy of it (the
+            read :func:`working_image` resamples, :func:`read_at_working_resolution`).
         path: the slide's file, for the message.
         working_size: longer side of the working grid in pixels; a slide is never upsampled to it.
+        shape: (rows, columns) of the slide's level 0 where ``pixels`` is a reduced copy: the size check is on it.
     Returns:
         the slide's tissue content.
     Raises:
         RegistrationInputError: the shorter side is under ``MIN_SIDE`` px on the working grid, tissue covers less than
             ``MIN_TISSUE_FRACTION`` of the slide, or its structure is under ``MIN_STRUCTURE`` (noise, not tissue).
     """
-    height, width = pixels.shape[:2]
+    height, width = pixels.shape[:2] if shape is None else shape
     across = min(height, width) * min(1.0, working_size / max(height, width))
     if across < MIN_SIDE:
         raise RegistrationInputError(
@@ -252,18 +256,27 @@ def to_working_grid(image: torch.Tensor, geometry: PairGeometry) -> torch.Tensor
     return convert_to_tensor(resize(padded), track_meta=False)
 
 
-def working_image(slide: SlideImage, geometry: PairGeometry, frame: str) -> torch.Tensor:
+def read_at_working_resolution(slide: SlideImage, geometry: PairGeometry, frame: str) -> Downsampled:
+    """``slide`` (the ``"target"`` or ``"source"`` of ``geometry``) read whole at the coarsest resolution that is still
+    at least the working grid's: a pyramid level, block averaged as it is read (:func:`read_downsampled`)."""
+    return read_downsampled(slide, float(geometry.working_downsample(frame).min()))
+
+
+def working_image(
+    slide: SlideImage, geometry: PairGeometry, frame: str, read: Downsampled | None = None
+) -> torch.Tensor:
     """The tissue image of ``slide`` (the ``"target"`` or ``"source"`` of ``geometry``) on the working grid.
 
-    The slide is read at the coarsest resolution that is still at least the working grid's (a pyramid level, block
-    averaged as it is read), reduced to its tissue channel there, then anti-aliased and resampled onto the working
-    grid. Where that resolution is level 0 itself and the slide is not rescaled (a small JPG/PNG pair), this is
-    :func:`to_working_grid` of the whole image, as it has always been.
+    The slide is read at the coarsest resolution that is still at least the working grid's
+    (:func:`read_at_working_resolution`; ``read`` where the caller has read it already, for the tissue check),
+    reduced to its tissue channel there, then anti-aliased and resampled onto the working grid. Where that resolution
+    is level 0 itself and the slide is not rescaled (a small JPG/PNG pair), this is :func:`to_working_grid` of the
+    whole image, as it has always been.
 
     Returns:
         (1, *working_shape) float32 tensor in [0, 1], 0 on glass and outside the slide.
     """
-    downsampled = read_downsampled(slide, float(geometry.working_downsample(frame).min()))
+    downsampled = read_at_working_resolution(slide, geometry, frame) if read is None else read
     tissue = tissue_image(downsampled.pixels)
     zoom = np.asarray(geometry.target_zoom if frame == "target" else geometry.source_zoom)
     if downsampled.downsample == (1.0, 1.0) and (zoom == 1).all():

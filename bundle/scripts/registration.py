@@ -13,10 +13,9 @@ from monai.networks.blocks import Warp
 
 from .affine import affine_to_field
 from .nonrigid import PatchPyramidRegistration
-from .preprocess import PairGeometry, require_tissue, working_image
+from .preprocess import PairGeometry, read_at_working_resolution, require_tissue, working_image
 from .quality import RegistrationQuality
-from .slide_image import ArraySlide, SlideImage
-from .slide_reader import read_downsampled
+from .slide_image import SlideImage
 from .transform import SlideTransform
 
 logger = logging.getLogger(__name__)
@@ -84,19 +83,20 @@ class SlidePairRegistration:
         """
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        for slide in (target, source):  # before any work: too small or no tissue is the user's to fix, named
-            pixels = slide.pixels if isinstance(slide, ArraySlide) else read_downsampled(
-                slide, max(1.0, max(slide.shape) / self.working_size)
-            ).pixels
-            require_tissue(pixels, slide.path, self.working_size)
         geometry = PairGeometry.create(target.shape, source.shape, self.working_size, target.mpp, source.mpp)
+        # each slide is read once, at the working resolution: the tissue check runs on that read before any work (too
+        # small or no tissue is the user's to fix, named), and the working image is made from it
+        reads = {}
+        for frame, slide in (("target", target), ("source", source)):
+            reads[frame] = read_at_working_resolution(slide, geometry, frame)
+            require_tissue(reads[frame].pixels, slide.path, self.working_size, slide.shape)
         if geometry.target_zoom != geometry.source_zoom:
             logger.info(
                 f"{source.path} ({source.mpp} um/px) and {target.path} ({target.mpp} um/px) registered at one physical "
                 f"scale: zoom {geometry.source_zoom} and {geometry.target_zoom} before the working grid"
             )
-        fixed = working_image(target, geometry, "target")[None].to(self.device)
-        moving = working_image(source, geometry, "source")[None].to(self.device)
+        fixed = working_image(target, geometry, "target", reads.pop("target"))[None].to(self.device)
+        moving = working_image(source, geometry, "source", reads.pop("source"))[None].to(self.device)
         _require_finite("preprocessing", target_image=fixed, source_image=moving)
         timings["preprocessing"] = self._lap(start)
 
