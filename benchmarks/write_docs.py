@@ -26,6 +26,9 @@ BENCHMARKS = (
     ("synthetic-benchmark", "Synthetic deformations with a known field", "benchmarks/synthetic_benchmark.py"),
     ("scaling-benchmark", "Scaling with the working resolution", "benchmarks/scaling_benchmark.py"),
     ("wsi-read-benchmark", "Reading whole slides at the working resolution", "benchmarks/wsi_read_benchmark.py"),
+    ("wsi-pipeline-benchmark", "Whole slides end to end", "benchmarks/wsi_pipeline_benchmark.py"),
+    ("wsi-pipeline-cuda-4096-benchmark", "Whole slides end to end on a GPU at a 4096 px working size",
+     "benchmarks/wsi_pipeline_benchmark.py --sizes 20000 --working_size 4096 --bundle_args --group_size 32"),
 )
 
 
@@ -63,7 +66,7 @@ def assemble(results_dir: Path) -> str:
         record = json.loads(record_path.read_text())
         machine = record.get("machine", {})
         machines[stem] = machine
-        commands.append(record.get("command"))
+        commands += record.get("commands") or [record.get("command")]  # a benchmark run in several invocations
         # the fragment's first paragraph names its exact command
         sections += [fragment_path.read_text().rstrip(), "", f"Machine: {machine_line(machine)}.", ""]
     if commands:
