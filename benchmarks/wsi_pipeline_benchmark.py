@@ -46,7 +46,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -72,7 +71,8 @@ TIMED_STAGES = ("loading", "preprocessing", "affine", "nonrigid", "refinement", 
 CSV_COLUMNS = (
     "pair", "size", "target_shape", "source_shape", "target_gpx", "device", "gpu", "working_size", "threads",
     "build_s", "wall_s", *(f"{stage}_s" for stage in TIMED_STAGES), "registration_s", "peak_rss_mb",
-    "rtre_median", "rtre_minus_jpg", "warped_levels", "warped_level0_shape", "warped_is_target_shape",
+    "affine_rtre_median", "affine_rtre_minus_jpg", "rtre_median", "rtre_minus_jpg", "warped_levels",
+    "warped_level0_shape", "warped_is_target_shape",
     "target_file_mb", "source_file_mb", "status",
 )
 
@@ -252,10 +252,12 @@ def warped_pyramid(folder: Path) -> tuple[int, list[int]] | tuple[None, None]:
 
 
 def row_of(pair: str, size: str, built: dict, run: dict, device: str, gpu: str | None, working_size: int | None,
-           threads: int | None, reference_rtre: float | None) -> dict:
+           threads: int | None, reference: dict | None) -> dict:
+    """The CSV row of one run; ``reference``: the JPG run's row, whose rTRE the differences are taken from."""
     record = run["record"] or {}
     timings = record.get("timings_seconds", {})
-    rtre = (record.get("landmark_scores") or {}).get("nonrigid", {}).get("rtre_median")
+    scores = record.get("landmark_scores") or {}
+    rtre, affine_rtre = (scores.get(stage, {}).get("rtre_median") for stage in ("nonrigid", "affine"))
     levels, level0 = warped_pyramid(Path(run["pair_folder"])) if run["pair_folder"] else (None, None)
     target_shape = built["target_shape"]
     return {
@@ -266,13 +268,22 @@ def row_of(pair: str, size: str, built: dict, run: dict, device: str, gpu: str |
         "build_s": built["build_s"], "wall_s": run["wall_seconds"],
         **{f"{stage}_s": timings.get(stage) for stage in TIMED_STAGES},
         "registration_s": sum(v for k, v in timings.items() if k != "outputs") if timings else None,
-        "peak_rss_mb": run["peak_rss_mb"], "rtre_median": rtre,
-        "rtre_minus_jpg": None if rtre is None or reference_rtre is None else rtre - reference_rtre,
+        "peak_rss_mb": run["peak_rss_mb"],
+        "affine_rtre_median": affine_rtre, "affine_rtre_minus_jpg": _difference(affine_rtre, reference, "affine"),
+        "rtre_median": rtre, "rtre_minus_jpg": _difference(rtre, reference, ""),
         "warped_levels": levels, "warped_level0_shape": None if level0 is None else "x".join(map(str, level0)),
         "warped_is_target_shape": None if level0 is None else level0 == target_shape,
         "target_file_mb": built.get("target_file_mb"), "source_file_mb": built.get("source_file_mb"),
         "status": "OK" if run["returncode"] == 0 else f"exit {run['returncode']}, see {run['log']}",
     }
+
+
+def _difference(rtre: float | None, reference: dict | None, stage: str) -> float | None:
+    """``rtre`` minus the reference row's rTRE of ``stage`` ("affine", or "" for the final result)."""
+    key = f"{stage}_rtre_median" if stage else "rtre_median"
+    if rtre is None or reference is None or reference.get(key) is None:
+        return None
+    return rtre - reference[key]
 
 
 def merged_rows(path: Path, rows: list[dict]) -> list[dict]:
@@ -302,7 +313,8 @@ def cell(value) -> str | float | None:
 def fragment(rows: list[dict], commands: list[str], device: str, gpu: str | None, threads: int | None) -> str:
     header = ["pair", "size", "target px", "build s", "wall s", "loading s", "preprocessing s", "affine s",
               "nonrigid s", "refinement s", "registration s", "outputs s", "wall s / Gpx", "peak RSS MB",
-              "median rTRE", "rTRE - JPG", "warped levels", "warped level 0", "status"]
+              "affine median rTRE", "affine rTRE - JPG", "median rTRE", "rTRE - JPG", "warped levels",
+              "warped level 0", "status"]
     table = []
     for row in rows:
         gpx = cell(row["target_gpx"])
@@ -312,6 +324,7 @@ def fragment(rows: list[dict], commands: list[str], device: str, gpu: str | None
                       cell(row["nonrigid_s"]), cell(row["refinement_s"]), cell(row["registration_s"]),
                       cell(row["outputs_s"]),
                       wall / gpx if row["size"] != "jpg" and wall and gpx else None, cell(row["peak_rss_mb"]),
+                      cell(row.get("affine_rtre_median")), cell(row.get("affine_rtre_minus_jpg")),
                       cell(row["rtre_median"]), cell(row["rtre_minus_jpg"]), cell(row["warped_levels"]),
                       cell(row["warped_level0_shape"]), row["status"]])
     where = f"on {gpu}" if gpu else (
@@ -328,7 +341,8 @@ def fragment(rows: list[dict], commands: list[str], device: str, gpu: str | None
         f"command (start-up, model loading, every output); stage seconds from `registration.json` (registration = "
         f"every stage but the outputs; quality, not shown, is in it); peak RSS = "
         f"`/usr/bin/time -v`'s maximum resident set size; rTRE in the target's level-0 pixels, as the bundle scores "
-        f"it; warped levels and level 0 read back from `warped-source.ome.tiff` by tifffile. Measured {where}.\n\n"
+        f"it, after the affine stage and at the end; warped levels and level 0 read back from "
+        f"`warped-source.ome.tiff` by tifffile. Measured {where}.\n\n"
         + markdown_table(header, table)
     )
 
@@ -366,7 +380,7 @@ def main() -> None:
     shutil.rmtree(work / "jpg", ignore_errors=True)
     run = register(small, work / "jpg" / "out", work / "jpg" / "run.log", *options)
     rows.append(row_of(args.pair, "jpg", small_built, run, device, gpu, args.working_size, args.threads, None))
-    reference = rows[0]["rtre_median"]
+    reference = rows[0]
     print(json.dumps(rows[-1]), flush=True)
 
     for size in args.sizes:
