@@ -38,8 +38,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import REPO, RESULTS, available_cores, command_line, machine_info, markdown_table, require_elastix
-from common import run_measured, write_outputs
+from common import (
+    BUNDLE,
+    REPO,
+    RESULTS,
+    available_cores,
+    command_line,
+    machine_info,
+    markdown_table,
+    require_elastix,
+    run_measured,
+    write_outputs,
+)
+from run_benchmark import TOOLS as BENCHMARK_TOOLS
 from run_benchmark import evaluate_command, read_results, timing_summary, tool_command
 from scipy.ndimage import gaussian_filter
 from skimage.io import imread, imsave
@@ -144,3 +155,157 @@ def write_cases(pairs_csv: Path, tissues: list[str], cases: list[str], folder: P
         writer.writerows({**row, "Scale": json.dumps(row["Scale"])} for row in rows)
     (folder / "cases.json").write_text(json.dumps(rows, indent=2))
     return cover
+
+
+def pair_index(name: str) -> int:
+    """Cover-table row of an evaluated pair: its folder name starts with the row's index (``cover_table``)."""
+    return int(name.split("_", 1)[0])
+
+
+def number(value: str | None) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def score_tool(tool: str, cover: Path, run_dir: Path, runs: Path) -> dict:
+    """``run evaluate`` of one tool's results table: per cover row, the affine stage's and the final median rTRE."""
+    final_stage = BENCHMARK_TOOLS[tool][0]
+    results_csv = run_dir / "registration-results.csv"
+    rows = read_results(results_csv)
+    record = {
+        "failures": {
+            row.get("Source image", "?"): row.get("Status", "")
+            for row in rows
+            if row.get("Status") != "OK" and not row.get("Status", "").startswith("warning")
+        },
+        # the quality rule's verdict (scripts/quality.py) is the Status; the Warnings column also notes landmarks
+        "quality_warnings": {
+            row.get("Source image", "?"): row["Status"] for row in rows if row.get("Status", "").startswith("warning")
+        },
+        "timing": timing_summary(rows, run_dir),
+        "per_row": {},
+    }
+    if not rows:
+        return record
+    evaluation_dir = runs / f"{tool}-evaluation"
+    record["evaluation"] = run_measured(
+        evaluate_command(cover, results_csv, evaluation_dir, final_stage), BUNDLE, runs / f"{tool}-evaluate.log"
+    )
+    seconds = {}
+    for path in run_dir.glob("*/registration.json"):
+        timings = json.loads(path.read_text()).get("timings_seconds", {})
+        seconds[pair_index(path.parent.name)] = timings
+    for row in read_results(evaluation_dir / "evaluation-pairs.csv"):
+        index = pair_index(row["Pair"])
+        timings = seconds.get(index, {})
+        record["per_row"][index] = {
+            "initial": number(row.get("rTRE median (initial)")),
+            "affine": number(row.get("rTRE median (affine)")),
+            "final": number(row.get(f"rTRE median ({final_stage})")),
+            "affine_seconds": timings.get("affine"),
+            "registration_seconds": sum(v for k, v in timings.items() if k != "outputs") if timings else None,
+        }
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs_csv", type=Path, default=PAIRS_CSV)
+    parser.add_argument("--tissues", nargs="+", default=["rat-kidney", "lung-lesion"])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--working_size", type=int, default=1024)
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=["bundle", "elastix"])
+    parser.add_argument("--threads", type=int, default=available_cores(), help="elastix threads (default: all)")
+    parser.add_argument("--bundle_threads", type=int, default=None, help="as run_benchmark.py's")
+    parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if "x1" not in args.cases:
+        parser.error("the unscaled case x1 is the reference of every other case: keep it in --cases")
+    require_elastix(parser, args.tools)
+    output_dir = args.output_dir.resolve()
+    runs = output_dir / "runs" / "rescaled"
+    machine = machine_info()
+    cover = write_cases(args.pairs_csv, args.tissues, args.cases, runs / "cases")
+    cases = json.loads((runs / "cases" / "cases.json").read_text())
+
+    tools = {}
+    for tool in args.tools:
+        run_dir = runs / tool
+        command, cwd = tool_command(tool, cover, run_dir, args.working_size, args.threads)
+        env = None
+        if tool.startswith("bundle") and args.bundle_threads:
+            threads = str(args.bundle_threads)
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        run = run_measured(command, cwd, runs / f"{tool}.log", env=env)
+        run["threads"] = args.threads if tool == "elastix" else (args.bundle_threads or "torch default")
+        print(f"{tool}: exit {run['returncode']}, {run['wall_seconds']:.1f} s")
+        tools[tool] = {"run": run, **score_tool(tool, cover, run_dir, runs)}
+
+    record = {
+        "benchmark": "rescaled",
+        "command": command_line(),
+        "pairs_csv": str(args.pairs_csv),
+        "working_size": args.working_size,
+        "machine": machine,
+        "load_average_at_end": list(os.getloadavg()),
+        "cases": [{key: case[key] for key in ("Tissue", "Case", "Scale")} for case in cases],
+        "tools": tools,
+    }
+    write_outputs(output_dir, "rescaled-benchmark", record, render_markdown(record))
+    return 0 if all(t["run"]["returncode"] == 0 for t in tools.values()) else 1
+
+
+def render_markdown(record: dict) -> str:
+    """Per case: median rTRE of the affine stage and the final result of each tool, and its ratio to the unscaled
+    pair's; seconds of the affine stage and of the whole registration."""
+    cases, tools = record["cases"], record["tools"]
+    reference = {case["Tissue"]: index for index, case in enumerate(cases) if case["Case"] == "x1"}
+    header = ["pair", "case", "initial"]
+    for tool in tools:
+        header += [f"`{tool}` affine", f"`{tool}` final", f"`{tool}` final / x1", f"`{tool}` s"]
+    if "bundle" in tools:
+        header += ["`bundle` affine s"]
+    rows = []
+    for index, case in enumerate(cases):
+        cells = [case["Tissue"], case["Case"], None]
+        for tool, result in tools.items():
+            scores = result["per_row"].get(index, result["per_row"].get(str(index), {}))
+            base = result["per_row"].get(reference[case["Tissue"]], {})
+            cells[2] = cells[2] if cells[2] is not None else scores.get("initial")
+            ratio = scores["final"] / base["final"] if scores.get("final") and base.get("final") else None
+            cells += [scores.get("affine"), scores.get("final"), ratio, scores.get("registration_seconds")]
+        if "bundle" in tools:
+            cells.append(tools["bundle"]["per_row"].get(index, {}).get("affine_seconds"))
+        rows.append(cells)
+    machine = record["machine"]
+    threads = {tool: result["run"].get("threads") for tool, result in tools.items()}
+    warnings = {
+        tool: sorted(Path(path).stem for path in result["quality_warnings"])
+        for tool, result in tools.items()
+        if tool.startswith("bundle")
+    }
+    lines = [
+        "## Rescaled, anisotropic and sheared sources: bundle vs elastix",
+        "",
+        f"`{record['command']}`: working size {record['working_size']} px, {machine['cpu']} ({machine['cores']} "
+        f"cores, {machine['ram_gb']} GB RAM), threads {threads}, load average "
+        f"{' / '.join(f'{v:.2f}' for v in machine.get('load_average_at_start') or [])} at the start and "
+        f"{' / '.join(f'{v:.2f}' for v in record.get('load_average_at_end') or [])} at the end.",
+        "",
+        markdown_table(header, rows),
+        "",
+        "Median rTRE of each case (landmark error / target diagonal; the target is the same in every case of a pair). "
+        "Cases: the source slide resampled by `x0.5` ... `x2` isotropically, `rows0.8` (rows only) and `shear0.15` "
+        "(columns shifted by 0.15 x the row), landmarks mapped exactly (`benchmarks/rescaled_benchmark.py`). "
+        "*affine*: the tool's affine stage (elastix: rotation search + affine); *final / x1*: the final median rTRE "
+        "over the unscaled pair's in the same run; *s*: registration seconds of the pair (outputs not written "
+        "counted out); *`bundle` affine s*: the bundle's affine stage alone. Sources whose registration the "
+        f"bundle's quality rule marks with a warning (`scripts/quality.py`): {warnings}.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
