@@ -1,4 +1,5 @@
-"""Global affine initialisation of a stained-section pair: full-circle rotation search, then pyramid refinement.
+"""Global affine initialisation of a stained-section pair: scale and full-circle rotation search, then pyramid
+refinement.
 
 The result seeds the nonrigid stage. Conventions, shared with :func:`affine_to_field`:
 
@@ -77,17 +78,28 @@ def _rotations(angles: Tensor) -> Tensor:
 class AffineInitializer(torch.nn.Module):
     """Estimate the affine pull transform from a fixed (target) to a moving (source) stained section.
 
-    1. Rotation search: with both images downsampled to ``search_size``, the moving image is rotated about its
-       intensity centroid onto the fixed image's centroid for every angle of the full circle (one batched
-       ``grid_sample``), optionally shifted to the best FFT cross-correlation offset, and scored by global NCC.
-    2. Refinement: the six affine parameters are optimised with Adam, maximising global NCC, on the pyramid levels
+    1. Scale search: with both images downsampled to ``scale_search_size``, every isotropic scale of
+       ``scale_range`` (geometric steps of ``scale_step``, 1 included) is tried with every angle of the full circle,
+       as in 2., and the scale of the best score is kept. A scale is the moving tissue's size over the fixed tissue's
+       on the working grid, where a slide scanned at another resolution (microns per pixel not stated) shrinks or
+       grows inside its own frame; slides that state theirs are already at one physical scale, so the range is
+       centred on their ratio.
+    2. Rotation search at that scale: with both images downsampled to ``search_size``, the moving image is rotated
+       and scaled about its intensity centroid onto the fixed image's centroid for every angle of the full circle
+       (one batched ``grid_sample``), optionally shifted to the best FFT cross-correlation offset, and scored by
+       global NCC.
+    3. Refinement: the six affine parameters (anisotropic scale and shear included) are optimised with Adam, maximising global NCC, on the pyramid levels
        coarse to fine. Global NCC is used because across stains the tissue outline against the black background is
        the signal the stains share; local NCC is undefined on that flat background and follows stain texture.
-    3. Guard: the refined transform is kept only if it scores at least the search result on the finest level.
+    4. Guard: the refined transform is kept only if it scores at least the search result on the finest level.
 
     Args:
         search_size: long side, in pixels, of the images for the rotation search.
         angle_step: spacing of the searched angles in degrees, over the full circle.
+        scale_search_size: long side, in pixels, of the images for the scale search (smaller than ``search_size``:
+            it scores every scale with every angle).
+        scale_range: smallest and largest searched scale (moving over fixed); ``(1, 1)``: rotations only.
+        scale_step: ratio of neighbouring searched scales; the refinement covers the half step between them.
         translation_search: refine each angle's centroid alignment by FFT cross-correlation.
         max_shift: largest translation the FFT search may add, as a fraction of each side.
         pyramid: long sides, in pixels, of the refinement levels, coarse to fine; levels larger than the image

@@ -88,7 +88,9 @@ class SlidePairRegistration:
         """Register ``source`` onto ``target``, each read only at the working resolution (never decoded whole).
 
         Slides whose microns per pixel differ are registered at the same physical scale (the finer one is resampled
-        to the coarser one's pixel size); ``transform.geometry`` records both pixel sizes and the zooms.
+        to the coarser one's pixel size); ``transform.geometry`` records both pixel sizes and the zooms. A source
+        whose tissue the affine finds more than ``rescale_above`` times the target's is likewise scaled down by the
+        found scale, and the affine run again.
         """
         timings: dict[str, float] = {}
         start = time.perf_counter()
