@@ -21,7 +21,8 @@ Every case of one run goes into one cover table; each tool registers all of them
 files, through ``run_benchmark.py``'s commands: ``bundle`` (``run inference`` with the defaults; its results table
 also holds the affine stage's landmarks, ``Warped source landmarks (affine)``, and its ``registration.json`` the
 affine stage's seconds), ``bundle-affine`` (``--iterations 0 --refine False``, the affine stage alone, timed end to
-end; optional, the default run reads the affine stage from ``bundle``) and ``elastix`` (``elastix_registration.py``:
+end; optional, the default run reads the affine stage from ``bundle``), ``bundle-networks`` (``--refine False``, the
+affine and the networks without the refinement; optional) and ``elastix`` (``elastix_registration.py``:
 rotation search, affine, B-spline on the bundle's working grid). Scored with ``run evaluate``. Writes
 ``<output_dir>/rescaled-benchmark.json`` and ``rescaled-benchmark.md``; the generated slides, tables and tool outputs
 go to ``<output_dir>/runs/rescaled/`` (not committed).
@@ -67,7 +68,7 @@ CASES: dict[str, np.ndarray] = {
     "rows0.8": np.diag([0.8, 1.0]),
     "shear0.15": np.array([[1.0, 0.0], [0.15, 1.0]]),
 }
-TOOLS = ("bundle", "bundle-affine", "elastix")
+TOOLS = ("bundle", "bundle-affine", "bundle-networks", "elastix")
 COVER_COLUMNS = ("Target image", "Source image", "Target landmarks", "Source landmarks")
 
 
