@@ -15,6 +15,7 @@ from skimage import data
 from skimage.color import rgb2gray
 from skimage.transform import AffineTransform, rescale, resize, warp
 
+from scripts import PatchPyramidRegistration, SlidePairRegistration
 from scripts.affine import AffineInitializer, affine_to_field
 from scripts.preprocess import PairGeometry, working_image
 from scripts.slide_image import ArraySlide
@@ -162,3 +163,30 @@ def test_recovers_a_sheared_source() -> None:
 
     assert rtre < 1.25 * unscaled_rtre, f"median rTRE {rtre:.4f}, unscaled pair {unscaled_rtre:.4f}"
     np.testing.assert_allclose(linear, shear @ unscaled, atol=0.02)
+
+
+def test_a_larger_source_is_prepared_again_at_the_targets_scale() -> None:
+    """The source at twice its size would leave the target at half its resolution on the common grid: the pair is
+    prepared again with the source scaled down by the scale the affine found, and the affine lands as unscaled."""
+    source = read_slide(KIDNEY / "Rat-Kidney_PanCytokeratin.jpg")
+    pixels = rescale(source.pixels, 2.0, channel_axis=-1, order=1).astype(np.float32)
+    factor = np.asarray(pixels.shape[:2]) / np.asarray(source.shape)
+    points = (_landmarks(KIDNEY / "Rat-Kidney_PanCytokeratin.csv") + 0.5) * factor - 0.5
+    # no inner iterations: the nonrigid engine returns the affine's field, and its networks are never run
+    nonrigid = PatchPyramidRegistration([torch.nn.Identity()], iterations=0)
+    registration = SlidePairRegistration(nonrigid, AffineInitializer(), working_size=1024)
+    target = read_slide(KIDNEY / "Rat-Kidney_HE.jpg")
+    result = registration(ArraySlide(pixels, 8, "double-size.png"), target)
+
+    geometry = result.transform.geometry
+    unscaled_rtre, unscaled = _kidney_unscaled()
+    # the kidney's sections differ by sqrt(det) = 0.94 already: the source is scaled down by 2 x 0.94
+    expected_zoom = 1 / (2 * math.sqrt(np.linalg.det(unscaled)))
+    np.testing.assert_allclose(geometry.source_zoom, (expected_zoom, expected_zoom), rtol=0.03)
+    assert geometry.target_zoom == (1.0, 1.0) and geometry.source_mpp is None
+    assert max(geometry.working_downsample("target")) < 1.2  # unscaled pair: 1.14 (1164 px onto 1024)
+    warped = result.transform.source_to_target(points[:, ::-1])[:, ::-1]
+    target_points = _landmarks(KIDNEY / "Rat-Kidney_HE.csv")
+    count = min(len(warped), len(target_points))
+    rtre = np.median(np.linalg.norm(warped[:count] - target_points[:count], axis=1)) / np.hypot(*target.shape)
+    assert rtre < 1.25 * unscaled_rtre, f"median rTRE {rtre:.4f}, unscaled pair {unscaled_rtre:.4f}"
