@@ -24,6 +24,7 @@ from common import REPO, RESULTS
 BENCHMARKS = (
     ("anhir-benchmark", "ANHIR landmarks: bundle vs elastix", "benchmarks/run_benchmark.py"),
     ("synthetic-benchmark", "Synthetic deformations with a known field", "benchmarks/synthetic_benchmark.py"),
+    ("rescaled-benchmark", "Rescaled, anisotropic and sheared sources", "benchmarks/rescaled_benchmark.py"),
     ("scaling-benchmark", "Scaling with the working resolution", "benchmarks/scaling_benchmark.py"),
     ("wsi-read-benchmark", "Reading whole slides at the working resolution", "benchmarks/wsi_read_benchmark.py"),
     ("wsi-pipeline-benchmark", "Whole slides end to end", "benchmarks/wsi_pipeline_benchmark.py"),

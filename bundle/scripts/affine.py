@@ -1,4 +1,5 @@
-"""Global affine initialisation of a stained-section pair: full-circle rotation search, then pyramid refinement.
+"""Global affine initialisation of a stained-section pair: scale and full-circle rotation search, then pyramid
+refinement.
 
 The result seeds the nonrigid stage. Conventions, shared with :func:`affine_to_field`:
 
@@ -77,17 +78,28 @@ def _rotations(angles: Tensor) -> Tensor:
 class AffineInitializer(torch.nn.Module):
     """Estimate the affine pull transform from a fixed (target) to a moving (source) stained section.
 
-    1. Rotation search: with both images downsampled to ``search_size``, the moving image is rotated about its
-       intensity centroid onto the fixed image's centroid for every angle of the full circle (one batched
-       ``grid_sample``), optionally shifted to the best FFT cross-correlation offset, and scored by global NCC.
-    2. Refinement: the six affine parameters are optimised with Adam, maximising global NCC, on the pyramid levels
+    1. Scale search: with both images downsampled to ``scale_search_size``, every isotropic scale of
+       ``scale_range`` (geometric steps of ``scale_step``, 1 included) is tried with every angle of the full circle,
+       as in 2., and the scale of the best score is kept. A scale is the moving tissue's size over the fixed tissue's
+       on the working grid, where a slide scanned at another resolution (microns per pixel not stated) shrinks or
+       grows inside its own frame; slides that state theirs are already at one physical scale, so the range is
+       centred on their ratio.
+    2. Rotation search at that scale: with both images downsampled to ``search_size``, the moving image is rotated
+       and scaled about its intensity centroid onto the fixed image's centroid for every angle of the full circle
+       (one batched ``grid_sample``), optionally shifted to the best FFT cross-correlation offset, and scored by
+       global NCC.
+    3. Refinement: the six affine parameters (anisotropic scale and shear included) are optimised with Adam, maximising global NCC, on the pyramid levels
        coarse to fine. Global NCC is used because across stains the tissue outline against the black background is
        the signal the stains share; local NCC is undefined on that flat background and follows stain texture.
-    3. Guard: the refined transform is kept only if it scores at least the search result on the finest level.
+    4. Guard: the refined transform is kept only if it scores at least the search result on the finest level.
 
     Args:
         search_size: long side, in pixels, of the images for the rotation search.
         angle_step: spacing of the searched angles in degrees, over the full circle.
+        scale_search_size: long side, in pixels, of the images for the scale search (smaller than ``search_size``:
+            it scores every scale with every angle).
+        scale_range: smallest and largest searched scale (moving over fixed); ``(1, 1)``: rotations only.
+        scale_step: ratio of neighbouring searched scales; the refinement covers the half step between them.
         translation_search: refine each angle's centroid alignment by FFT cross-correlation.
         max_shift: largest translation the FFT search may add, as a fraction of each side.
         pyramid: long sides, in pixels, of the refinement levels, coarse to fine; levels larger than the image
@@ -102,6 +114,9 @@ class AffineInitializer(torch.nn.Module):
         self,
         search_size: int = 128,
         angle_step: float = 5.0,
+        scale_search_size: int = 64,
+        scale_range: tuple[float, float] = (0.4, 2.5),
+        scale_step: float = 2**0.25,
         translation_search: bool = True,
         max_shift: float = 0.25,
         pyramid: Sequence[int] = (128, 256),
@@ -113,10 +128,17 @@ class AffineInitializer(torch.nn.Module):
             raise ValueError(
                 f"pyramid {tuple(pyramid)} and iterations {tuple(iterations)} need the same, non-zero length"
             )
-        if search_size < 8 or angle_step <= 0:
-            raise ValueError(f"need search_size >= 8 and angle_step > 0, got {search_size} and {angle_step}")
+        if min(search_size, scale_search_size) < 8 or angle_step <= 0:
+            raise ValueError(
+                f"need search sizes >= 8 and angle_step > 0, got {search_size}, {scale_search_size} and {angle_step}"
+            )
+        if not 0 < scale_range[0] <= 1 <= scale_range[1] or scale_step <= 1:
+            raise ValueError(f"need scale_range around 1 and scale_step > 1, got {scale_range} and {scale_step}")
         self.search_size = search_size
+        self.scale_search_size = scale_search_size
         self.angle_step = angle_step
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.scale_step = float(scale_step)
         self.translation_search = translation_search
         self.max_shift = max_shift
         self.pyramid = tuple(int(p) for p in pyramid)
@@ -155,23 +177,51 @@ class AffineInitializer(torch.nn.Module):
         return torch.cat([linear, translation[:, None]], 1).detach().float()
 
     def _search(self, moving: Tensor, fixed: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Full-circle rotation search. Returns the rotation ``(2, 2)``, the moving centroid ``(2,)`` and the
-        fixed pivot ``(2,)`` in the isotropic frame: ``u_m = R (u_f - pivot) + centroid``."""
-        fixed_s = _resize(fixed, self.search_size)
-        moving_s = _resize(moving, self.search_size)
-        pivot, centroid = _centroid(fixed_s, scale), _centroid(moving_s, scale)
+        """Scale, then full-circle rotation search. Returns the linear map ``(2, 2)`` (a rotation times an isotropic
+        scale), the moving centroid ``(2,)`` and the fixed pivot ``(2,)`` in the isotropic frame:
+        ``u_m = s R (u_f - pivot) + centroid``."""
         angles = torch.arange(0.0, 360.0, self.angle_step, dtype=fixed.dtype, device=fixed.device)
         rotations = _rotations(torch.deg2rad(angles))
-        warped = _warp(moving_s.expand(len(angles), -1, -1, -1), rotations, centroid, pivot, scale)
-        if self.translation_search:
-            scores, offsets = self._shift_search(warped, fixed_s)
-            # fixed(x) ~ warped(x - offset): the offset, in search pixels, moves the pivot
-            size = torch.tensor(fixed_s.shape[-2:], dtype=fixed.dtype, device=fixed.device)
-            pivots = pivot + scale * 2 * offsets / size
-        else:
-            scores, pivots = global_ncc(warped, fixed_s), pivot.expand(len(angles), 2)
-        best = int(scores.argmax())
-        return rotations[best], centroid, pivots[best]
+        factors = self._search_scales().to(fixed)
+        if len(factors) > 1:
+            # every scale with every angle on the small copy; only the winning scale goes on to the rotation search
+            scores, _, _ = self._rotation_search(
+                moving, fixed, scale, factors[:, None, None, None] * rotations, self.scale_search_size
+            )
+            factors = factors[scores.flatten().argmax() // len(angles)][None]
+        linears = factors[:, None, None, None] * rotations
+        scores, pivots, centroid = self._rotation_search(moving, fixed, scale, linears, self.search_size)
+        best = int(scores[0].argmax())
+        return linears[0, best], centroid, pivots[0, best]
+
+    def _rotation_search(
+        self, moving: Tensor, fixed: Tensor, scale: Tensor, linears: Tensor, size: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Score each ``(S, A, 2, 2)`` linear map (S scales, A angles) about the images' centroids, on copies of
+        long side ``size``. Returns the scores ``(S, A)``, the fixed pivots ``(S, A, 2)`` (the fixed centroid moved
+        by the best FFT shift) and the moving centroid ``(2,)``, in the isotropic frame."""
+        fixed_s, moving_s = _resize(fixed, size), _resize(moving, size)
+        pivot, centroid = _centroid(fixed_s, scale), _centroid(moving_s, scale)
+        shape = torch.tensor(fixed_s.shape[-2:], dtype=fixed.dtype, device=fixed.device)
+        scores, pivots = [], []
+        # one scale at a time: the batch of warped copies (and their spectra) stays that of one rotation search
+        for linear in linears:
+            warped = _warp(moving_s.expand(len(linear), -1, -1, -1), linear, centroid, pivot, scale)
+            if self.translation_search:
+                score, offsets = self._shift_search(warped, fixed_s)
+                # fixed(x) ~ warped(x - offset): the offset, in search pixels, moves the pivot
+                scores.append(score)
+                pivots.append(pivot + scale * 2 * offsets / shape)
+            else:
+                scores.append(global_ncc(warped, fixed_s))
+                pivots.append(pivot.expand(len(linear), 2))
+        return torch.stack(scores), torch.stack(pivots), centroid
+
+    def _search_scales(self) -> Tensor:
+        """The searched isotropic scales (moving over fixed), geometric steps of ``scale_step`` spanning
+        ``scale_range`` and always including 1."""
+        low, high = (math.log(value) / math.log(self.scale_step) for value in self.scale_range)
+        return torch.pow(self.scale_step, torch.arange(math.ceil(low - 1e-9), math.floor(high + 1e-9) + 1.0))
 
     def _shift_search(self, warped: Tensor, fixed: Tensor) -> tuple[Tensor, Tensor]:
         """Best translation of each ``(N, 1, h, w)`` warped image onto ``fixed`` by FFT cross-correlation.
@@ -181,8 +231,8 @@ class AffineInitializer(torch.nn.Module):
         height, width = fixed.shape[-2:]
         fixed = fixed - fixed.mean()
         warped = warped - warped.mean((-2, -1), keepdim=True)
-        # zero padding to twice the size keeps the correlation from wrapping around
-        size = (2 * height, 2 * width)
+        # zero padding by the largest shift keeps the correlation of the allowed shifts from wrapping around
+        size = (height + math.floor(self.max_shift * height) + 1, width + math.floor(self.max_shift * width) + 1)
         spectrum = torch.fft.rfft2(fixed, s=size) * torch.fft.rfft2(warped, s=size).conj()
         corr = torch.fft.irfft2(spectrum, s=size)[:, 0]  # corr[t] = sum_x fixed(x + t) warped(x)
         rows = torch.fft.fftfreq(size[0], 1 / size[0], device=fixed.device)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +53,10 @@ class SlidePairRegistration:
         device: where the images, fields and networks live.
         refinement: optional per-pair refinement of the networks' field, ``(moving, fixed, field) -> field`` (e.g.
             :class:`MutualInformationRefinement`); its result is the "nonrigid" stage.
+        rescale_above: when the affine finds the source's tissue this many times larger than the target's (its
+            pixels that much finer), the pair is prepared again with the source scaled down by the found scale, as
+            for slides whose stated microns per pixel differ, and the affine run again: on the common frame of the
+            unscaled slides the target would lose that factor of its resolution (docs/design.md). None: never.
     """
 
     def __init__(
@@ -60,6 +66,7 @@ class SlidePairRegistration:
         working_size: int,
         device: torch.device | str = "cpu",
         refinement: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        rescale_above: float | None = 1.15,
     ) -> None:
         self.device = torch.device(device)
         # channels-last convolutions run the U-Nets about 1.25x faster on CPU (measured, benchmarks/); on a GPU the
@@ -69,6 +76,7 @@ class SlidePairRegistration:
         self.initializer = initializer
         self.working_size = working_size
         self.refinement = refinement
+        self.rescale_above = rescale_above
         self.warp = Warp(mode="bilinear", padding_mode="zeros")  # zeros = background outside the tissue image
         # torch.optim imports torch._dynamo when it builds its first optimiser (0.5-1 s once per process); importing it
         # here puts that one-off in the start-up, with the model loading, instead of in the first pair's affine stage
@@ -79,7 +87,9 @@ class SlidePairRegistration:
         """Register ``source`` onto ``target``, each read only at the working resolution (never decoded whole).
 
         Slides whose microns per pixel differ are registered at the same physical scale (the finer one is resampled
-        to the coarser one's pixel size); ``transform.geometry`` records both pixel sizes and the zooms.
+        to the coarser one's pixel size); ``transform.geometry`` records both pixel sizes and the zooms. A source
+        whose tissue the affine finds more than ``rescale_above`` times the target's is likewise scaled down by the
+        found scale, and the affine run again.
         """
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -95,15 +105,21 @@ class SlidePairRegistration:
                 f"{source.path} ({source.mpp} um/px) and {target.path} ({target.mpp} um/px) registered at one physical "
                 f"scale: zoom {geometry.source_zoom} and {geometry.target_zoom} before the working grid"
             )
-        fixed = working_image(target, geometry, "target", reads.pop("target"))[None].to(self.device)
-        moving = working_image(source, geometry, "source", reads.pop("source"))[None].to(self.device)
-        _require_finite("preprocessing", target_image=fixed, source_image=moving)
+        fixed, moving = self._working_images(target, source, geometry, reads)
         timings["preprocessing"] = self._lap(start)
 
         start = time.perf_counter()
         matrix = self.initializer(moving, fixed).to(self.device)
-        initial = affine_to_field(matrix, geometry.working_shape)
         _require_finite("affine", matrix=matrix)
+        found = math.sqrt(abs(float(torch.linalg.det(matrix[:, :2].double()))))  # source px per target px
+        if self.rescale_above is not None and found > self.rescale_above:
+            geometry = _source_scaled_down(geometry, target, source, found, self.working_size)
+            logger.info(f"{source.path}: its tissue is {found:.2f}x the target's; prepared again with the source "
+                        f"scaled down by that much (zoom {geometry.source_zoom} before the working grid)")
+            fixed, moving = self._working_images(target, source, geometry)
+            matrix = self.initializer(moving, fixed).to(self.device)
+            _require_finite("affine", matrix=matrix)
+        initial = affine_to_field(matrix, geometry.working_shape)
         timings["affine"] = self._lap(start)
 
         start = time.perf_counter()
@@ -130,11 +146,34 @@ class SlidePairRegistration:
         timings["quality"] = self._lap(start)
         return PairRegistration(SlideTransform(geometry, matrix, total), fixed, stages, timings, quality)
 
+    def _working_images(
+        self, target: SlideImage, source: SlideImage, geometry: PairGeometry, reads: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 1, h, w) target and source tissue images on the working grid of ``geometry``, on the device;
+        ``reads``: the slides' reads at that geometry's working resolution where already made (the tissue check's)."""
+        reads = reads or {}
+        fixed = working_image(target, geometry, "target", reads.get("target"))[None].to(self.device)
+        moving = working_image(source, geometry, "source", reads.get("source"))[None].to(self.device)
+        _require_finite("preprocessing", target_image=fixed, source_image=moving)
+        return fixed, moving
+
     def _lap(self, start: float) -> float:
         # CUDA runs asynchronously: wait for the queued kernels so the stage gets its own time
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+
+def _source_scaled_down(
+    geometry: PairGeometry, target: SlideImage, source: SlideImage, factor: float, working_size: int
+) -> PairGeometry:
+    """``geometry`` with the source's pixels taken as ``factor`` times finer than before (its stated microns per
+    pixel, or the target's where the two do not both state theirs); the recorded microns per pixel stay the files'."""
+    stated = geometry.target_mpp is not None and geometry.source_mpp is not None
+    target_mpp = geometry.target_mpp if stated else (1.0, 1.0)
+    source_mpp = tuple(value / factor for value in (geometry.source_mpp if stated else (1.0, 1.0)))
+    scaled = PairGeometry.create(target.shape, source.shape, working_size, target_mpp, source_mpp)
+    return dataclasses.replace(scaled, target_mpp=geometry.target_mpp, source_mpp=geometry.source_mpp)
 
 
 def _require_finite(stage: str, **tensors: torch.Tensor) -> None:
