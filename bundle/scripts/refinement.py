@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .affine import _one_thread
 from .fields import compose_fields, identity_grid, pull, resize_field
 from .mutual_information import ParzenWindows, mutual_information
 from .nonrigid import downsample
@@ -165,8 +166,10 @@ class MutualInformationRefinement(torch.nn.Module):
         shape = tuple(fixed.shape[-2:])
         nodes = [max(2, round((n - 1) / self.spacings[0]) + 1) for n in shape]
         generator = torch.Generator(fixed.device).manual_seed(self.seed)
-        # autograd, inside the pipeline's inference mode, only for the derivatives of the interpolations
-        with torch.inference_mode(False), torch.enable_grad():
+        # autograd, inside the pipeline's inference mode, only for the derivatives of the interpolations; one thread:
+        # the same bits as two, as fast on an idle CPU, and several times faster on a loaded one, where a second
+        # thread's steps of a few ms wait on each other (docs/design.md, "Fine scale")
+        with torch.inference_mode(False), torch.enable_grad(), _one_thread():
             # the residual in working px, channels (column, row) as grid_sample reads positions
             grid = torch.zeros(1, 2, *nodes, device=fixed.device, requires_grad=True)
             optimizer = torch.optim.Adam([grid], lr=self.learning_rates[0], fused=True)
