@@ -93,3 +93,23 @@ def test_grid_bending_gradient_is_the_energys_and_vanishes_on_affine_grids():
     assert grid_bending_gradient(affine).abs().max() < 1e-6
     alternating = ((rows + cols) % 2).expand(1, 2, -1, -1)
     assert grid_bending_gradient(alternating).abs().max() > 0.1
+
+
+def test_a_finer_grid_holds_the_coarser_residual_and_per_level_settings_are_checked():
+    """Halving the spacing between levels keeps the residual found so far (no step at the finer level: the same field),
+    and a schedule that is not one value or one per factor, or a spacing that grows, is refused."""
+    moving, fixed, truth = _pair(amplitude=3.0, seed=3)
+    start = torch.zeros_like(truth)
+    with torch.inference_mode():
+        coarse = _refinement(factors=(2, 1), spacing=(32, 32), iterations=(20, 0))(moving, fixed, start)
+        halved = _refinement(factors=(2, 1), spacing=(32, 16), iterations=(20, 0))(moving, fixed, start)
+        quartered = _refinement(factors=(2, 1), spacing=(32, 8), iterations=(20, 0))(moving, fixed, start)
+    assert coarse.abs().max() > 0.1
+    torch.testing.assert_close(halved, coarse, atol=1e-5, rtol=0)
+    torch.testing.assert_close(quartered, coarse, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one per factor"):
+        _refinement(factors=(4, 2, 1), iterations=(100, 100))
+    with pytest.raises(ValueError, match="spacing"):
+        _refinement(factors=(2, 1), spacing=(16, 24))
+    with pytest.raises(ValueError, match="spacing"):
+        _refinement(factors=(2, 1), spacing=(24, 16))

@@ -12,9 +12,13 @@ to record as to compute on a CPU (docs/design.md, "Seventh round").
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
+from .affine import _one_thread
 from .fields import compose_fields, identity_grid, pull, resize_field
 from .mutual_information import ParzenWindows, mutual_information
 from .nonrigid import downsample
@@ -49,6 +53,24 @@ def grid_bending_gradient(grid: torch.Tensor) -> torch.Tensor:
     gradient[..., :-1, 1:] -= mixed
     gradient[..., :-1, :-1] += mixed
     return gradient
+
+
+def _per_level(value: float | Sequence[float], count: int, name: str) -> tuple:
+    """One value per optimisation level: a single value for every level, or a sequence of ``count``."""
+    values = tuple(value) if isinstance(value, Sequence) else (value,) * count
+    if len(values) != count:
+        raise ValueError(f"{name} must be one value or one per factor ({count}), got {value!r}")
+    return values
+
+
+def _refined_grid(grid: torch.Tensor, halvings: int) -> torch.Tensor:
+    """A (1, 2, h, w) control grid on nodes ``halvings`` times as dense, ``(2^k (h - 1) + 1, 2^k (w - 1) + 1)``, holding
+    the same residual: the added nodes lie on the old cells' edges and centres, where the bilinear interpolation of
+    the old nodes is what the new cells interpolate, so the field does not change."""
+    if halvings == 0:
+        return grid
+    size = [(n - 1) * 2**halvings + 1 for n in grid.shape[-2:]]
+    return F.interpolate(grid, size=size, mode="bilinear", align_corners=True)
 
 
 class _Level:
@@ -92,14 +114,17 @@ class MutualInformationRefinement(torch.nn.Module):
     (composed, never summed), bilinear on a control grid with nodes every ``spacing`` working pixels of the fixed
     image. It is optimised coarse to fine on the images downsampled by each of ``factors``; every Adam step reads
     ``samples`` random positions of the fixed image and follows the gradient of ``-MI + alpha * bending energy of the
-    grid``. The random draws come from a generator seeded with ``seed`` on every call, so a pair always gets the same
-    result.
+    grid``. Spacing, steps and step size may differ per level: where the spacing halves, the grid is refined (the
+    residual unchanged, Adam restarted on the new nodes), so a schedule can end on a finer grid at full resolution;
+    a smaller last step lets the walk of constant Adam steps on random samples settle (docs/design.md). The random
+    draws come from a generator seeded with ``seed`` on every call, so a pair always gets the same result.
 
     Args:
-        spacing: control-node spacing in working pixels.
+        spacing: control-node spacing in working pixels: one for every level, or one per level, each the one before
+            it or that halved (a power of two).
         factors: downsampling factor of each optimisation level, coarsest first.
-        iterations: Adam steps per level.
-        learning_rate: Adam step size, in working pixels.
+        iterations: Adam steps: one count for every level, or one per level.
+        learning_rate: Adam step size in working pixels: one for every level, or one per level.
         samples: random positions per step (anywhere between pixel centres, not only on them: on the sample
             pairs, drawing whole pixels ended further from the landmarks, docs/design.md).
         alpha: weight of the control grid's bending energy.
@@ -109,20 +134,24 @@ class MutualInformationRefinement(torch.nn.Module):
 
     def __init__(
         self,
-        spacing: float = 24.0,
-        factors: tuple[int, ...] = (4, 2),
-        iterations: int = 100,
-        learning_rate: float = 0.2,
+        spacing: float | Sequence[float] = 24.0,
+        factors: Sequence[int] = (4, 2),
+        iterations: int | Sequence[int] = 100,
+        learning_rate: float | Sequence[float] = 0.2,
         samples: int = 8192,
         alpha: float = 0.01,
         bins: int = 32,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.spacing = spacing
         self.factors = tuple(factors)
-        self.iterations = iterations
-        self.learning_rate = learning_rate
+        self.spacings = _per_level(spacing, len(self.factors), "spacing")
+        self.iterations = _per_level(iterations, len(self.factors), "iterations")
+        for coarser, finer in zip(self.spacings, self.spacings[1:]):
+            halvings = math.log2(coarser / finer)
+            if halvings < 0 or halvings != int(halvings):
+                raise ValueError(f"each spacing must be the one before it or that halved, got {self.spacings}")
+        self.learning_rates = _per_level(learning_rate, len(self.factors), "learning_rate")
         self.samples = samples
         self.alpha = alpha
         self.bins = bins
@@ -135,24 +164,37 @@ class MutualInformationRefinement(torch.nn.Module):
         Returns: (1, 2, H, W) the refined pull field, ``fixed(x) ~ moving(x + u(x))``.
         """
         shape = tuple(fixed.shape[-2:])
-        nodes = [max(2, round((n - 1) / self.spacing) + 1) for n in shape]
+        nodes = [max(2, round((n - 1) / self.spacings[0]) + 1) for n in shape]
         generator = torch.Generator(fixed.device).manual_seed(self.seed)
-        # autograd, inside the pipeline's inference mode, only for the derivatives of the interpolations
-        with torch.inference_mode(False), torch.enable_grad():
+        # autograd, inside the pipeline's inference mode, only for the derivatives of the interpolations; one thread:
+        # the same bits as two, as fast on an idle CPU, and several times faster on a loaded one, where a second
+        # thread's steps of a few ms wait on each other (docs/design.md, "Fine scale")
+        with torch.inference_mode(False), torch.enable_grad(), _one_thread():
             # the residual in working px, channels (column, row) as grid_sample reads positions
             grid = torch.zeros(1, 2, *nodes, device=fixed.device, requires_grad=True)
-            optimizer = torch.optim.Adam([grid], lr=self.learning_rate, fused=True)
-            for factor in self.factors:
+            optimizer = torch.optim.Adam([grid], lr=self.learning_rates[0], fused=True)
+            spacing = self.spacings[0]
+            for factor, level_spacing, steps, rate in zip(
+                self.factors, self.spacings, self.iterations, self.learning_rates
+            ):
+                if level_spacing != spacing:
+                    grid = _refined_grid(grid.detach(), round(math.log2(spacing / level_spacing))).requires_grad_()
+                    # a new grid, new moments: Adam's per-node step statistics do not carry over to its new nodes
+                    optimizer = torch.optim.Adam([grid], lr=rate, fused=True)
+                    spacing = level_spacing
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
                 level_shape = (-(-shape[0] // factor), -(-shape[1] // factor))
                 images = downsample(moving, factor), downsample(fixed, factor)
                 level = _Level(*images, resize_field(field, level_shape), shape)
-                for _ in range(self.iterations):
+                for _ in range(steps):
                     # rows first, the order they have always been drawn in, so that a seed keeps its positions
                     draw = torch.rand(2, self.samples, generator=generator, device=fixed.device)
                     points = draw.flip(0) * level.extent
                     grid.grad = self._similarity_gradient(grid, level, points)
                     grid.grad += self.alpha * grid_bending_gradient(grid.detach())
                     optimizer.step()
+            nodes = list(grid.shape[-2:])
         # the refined field, composed in row bands so that only the result is image-sized
         residual = grid.detach().flip(1)  # (row, column)
         to_node = fixed.new_tensor([(m - 1) / max(n - 1, 1) for m, n in zip(nodes, shape)]).view(1, 2, 1, 1)
