@@ -19,14 +19,14 @@ valid at all of them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .fields import identity_grid
+from .threads import one_thread
 
 __all__ = ["AffineInitializer", "affine_to_field", "global_ncc"]
 
@@ -51,22 +51,6 @@ def global_ncc(a: Tensor, b: Tensor) -> Tensor:
     a = a - a.mean(1, keepdim=True)
     b = b - b.mean(1, keepdim=True)
     return (a * b).sum(1) / ((a * a).sum(1) * (b * b).sum(1)).sqrt().clamp_min(1e-12)
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run PyTorch's CPU operations of the block on one thread, then restore the thread count.
-
-    A parallel reduction splits its sum by thread count, so its rounding depends on the thread count; Adam carries that
-    rounding into the affine, and the refinement amplifies any change of its input into pixels (docs/design.md,
-    "Results independent of the thread count").
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _rotations(angles: Tensor) -> Tensor:
@@ -163,7 +147,7 @@ class AffineInitializer(torch.nn.Module):
         dtype = torch.promote_types(fixed.dtype, torch.float32)
         # Refinement needs autograd even when the caller runs under no_grad or inference_mode (bundle inference),
         # and inference tensors cannot be saved for backward, hence the copies made outside inference mode.
-        with torch.inference_mode(False), torch.enable_grad(), _one_thread():
+        with torch.inference_mode(False), torch.enable_grad(), one_thread():
             moving = moving.detach().to(dtype).clone()
             fixed = fixed.detach().to(dtype).clone()
             scale = torch.tensor([height / long_side, width / long_side], dtype=dtype, device=fixed.device)

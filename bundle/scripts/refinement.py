@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .affine import _one_thread
 from .fields import compose_fields, identity_grid, pull, resize_field
 from .mutual_information import ParzenWindows, mutual_information
 from .nonrigid import downsample
+from .threads import one_thread
 
 BAND_PIXELS = 1 << 16  # working pixels per band of the final composition
 
@@ -169,7 +169,7 @@ class MutualInformationRefinement(torch.nn.Module):
         # autograd, inside the pipeline's inference mode, only for the derivatives of the interpolations; one thread:
         # the same bits as two, as fast on an idle CPU, and several times faster on a loaded one, where a second
         # thread's steps of a few ms wait on each other (docs/design.md, "Fine scale")
-        with torch.inference_mode(False), torch.enable_grad(), _one_thread():
+        with torch.inference_mode(False), torch.enable_grad(), one_thread():
             # the residual in working px, channels (column, row) as grid_sample reads positions
             grid = torch.zeros(1, 2, *nodes, device=fixed.device, requires_grad=True)
             optimizer = torch.optim.Adam([grid], lr=self.learning_rates[0], fused=True)
