@@ -1,7 +1,7 @@
 """Baseline: register every pair of an ANHIR cover table with elastix (itk-elastix), on the bundle's own inputs.
 
-Both tools see identical images: each slide is read with ``scripts.slide_io.read_slide``, reduced to the bundle's
-stain-agnostic tissue channel (``scripts.preprocess.tissue_image``: inverted luminance, percentile-normalised) and
+Both tools see identical images: each slide is read with ``scripts.io.slide_io.read_slide``, reduced to the bundle's
+stain-agnostic tissue channel (``scripts.prepare.preprocess.tissue_image``: inverted luminance, percentile-normalised) and
 padded and resampled with Gaussian anti-aliasing onto the bundle's common working grid (``PairGeometry`` /
 ``to_working_grid``, long side ``--working_size``, default 1024 px). Elastix then runs, all of it timed:
 
@@ -66,14 +66,14 @@ if str(BUNDLE) not in sys.path:
 import itk
 import torch
 import torch.nn.functional as F
-from scripts.batch import (
+from scripts.runner.batch import (
     EXECUTION_TIME,
     RESULT_COLUMNS,
     STATUS,
     WARPED_SOURCE_LANDMARKS,
     WARPED_SOURCE_LANDMARKS_AFFINE,
 )
-from scripts.cover_table import (
+from scripts.io.cover_table import (
     SOURCE_IMAGE,
     SOURCE_LANDMARKS,
     TARGET_IMAGE,
@@ -82,8 +82,8 @@ from scripts.cover_table import (
     read_cover_table,
 )
 from scripts.errors import RegistrationInputError
-from scripts.preprocess import PairGeometry, tissue_image, to_working_grid
-from scripts.slide_io import atomic_path, read_landmarks, read_slide, write_landmarks
+from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.io.slide_io import atomic_path, read_landmarks, read_slide, write_landmarks
 
 logger = logging.getLogger("elastix_registration")
 

@@ -181,7 +181,7 @@ def score_tool(tool: str, cover: Path, run_dir: Path, runs: Path) -> dict:
             for row in rows
             if row.get("Status") != "OK" and not row.get("Status", "").startswith("warning")
         },
-        # the quality rule's verdict (scripts/quality.py) is the Status; the Warnings column also notes landmarks
+        # the quality rule's verdict (scripts/evaluate/quality.py) is the Status; the Warnings column also notes landmarks
         "quality_warnings": {
             row.get("Source image", "?"): row["Status"] for row in rows if row.get("Status", "").startswith("warning")
         },
@@ -303,7 +303,7 @@ def render_markdown(record: dict) -> str:
         "*affine*: the tool's affine stage (elastix: rotation search + affine); *final / x1*: the final median rTRE "
         "over the unscaled pair's in the same run; *s*: registration seconds of the pair (outputs not written "
         "counted out); *`bundle` affine s*: the bundle's affine stage alone. Sources whose registration the "
-        f"bundle's quality rule marks with a warning (`scripts/quality.py`): {warnings}.",
+        f"bundle's quality rule marks with a warning (`scripts/evaluate/quality.py`): {warnings}.",
     ]
     return "\n".join(lines)
 

@@ -114,7 +114,7 @@ def worker(size: int, group_size: int, output: Path, threads: int | None) -> Non
     import torch
     import torch.nn.functional as F
     from monai.bundle import ConfigParser
-    from scripts.slide_io import Slide, read_slide
+    from scripts.io.slide_io import Slide, read_slide
 
     if threads:
         torch.set_num_threads(threads)

@@ -58,10 +58,10 @@ def _source_tiles(size: int, tile: int):
 def _transform(size: int):
     import torch
 
-    from scripts.affine import affine_to_field
-    from scripts.fields import compose_fields
-    from scripts.preprocess import PairGeometry
-    from scripts.transform import SlideTransform
+    from scripts.align.affine import affine_to_field
+    from scripts.frames.fields import compose_fields
+    from scripts.prepare.preprocess import PairGeometry
+    from scripts.outputs.transform import SlideTransform
 
     geometry = PairGeometry.create((size, size), (size, size), 1024)
     angle = math.radians(3.0)
@@ -83,7 +83,7 @@ def worker(size: int, threads: int | None) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
-    from scripts.pyramid_writer import write_pyramid
+    from scripts.io.pyramid_writer import write_pyramid
     from tiff_slide import TiffSlide
 
     with tempfile.TemporaryDirectory() as folder:

@@ -1,4 +1,4 @@
-"""What the tissue-content check (``scripts.preprocess.require_tissue``) costs per pair, against the pair's time.
+"""What the tissue-content check (``scripts.prepare.preprocess.require_tissue``) costs per pair, against the pair's time.
 
 From the repository root::
 
@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT / "bundle"))
 
 from monai.bundle import ConfigParser  # noqa: E402
 
-from scripts.cover_table import SOURCE_IMAGE, TARGET_IMAGE, read_cover_table  # noqa: E402
-from scripts.preprocess import require_tissue  # noqa: E402
-from scripts.slide_io import read_slide  # noqa: E402
+from scripts.io.cover_table import SOURCE_IMAGE, TARGET_IMAGE, read_cover_table  # noqa: E402
+from scripts.prepare.preprocess import require_tissue  # noqa: E402
+from scripts.io.slide_io import read_slide  # noqa: E402
 
 TABLES = (ROOT / "bundle" / "sample" / "pairs.csv", ROOT.parent / "shared" / "data" / "anhir-samples" / "pairs.csv")
 

@@ -15,11 +15,12 @@ from skimage import data
 from skimage.color import rgb2gray
 from skimage.transform import AffineTransform, rescale, resize, warp
 
-from scripts import PatchPyramidRegistration, SlidePairRegistration
-from scripts.affine import AffineInitializer, affine_to_field
-from scripts.preprocess import PairGeometry, working_image
-from scripts.slide_image import ArraySlide
-from scripts.slide_io import read_slide
+from scripts import SlidePairRegistration
+from scripts.register import PatchPyramidRegistration
+from scripts.align.affine import AffineInitializer, affine_to_field
+from scripts.prepare.preprocess import PairGeometry, working_image
+from scripts.io.slide_image import ArraySlide
+from scripts.io.slide_io import read_slide
 
 CANVAS = (300, 380)
 KIDNEY = Path(__file__).resolve().parents[1] / "bundle" / "sample" / "rat-kidney"

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from scripts import annotations
-from scripts.annotations import map_geojson
+from scripts.outputs import annotations
+from scripts.outputs.annotations import map_geojson
 from scripts.errors import RegistrationInputError
 from test_transform import _transform
 

@@ -28,19 +28,15 @@ import yaml
 from monai.networks.nets import UNet
 from PIL import Image
 
-from scripts import (
-    AffineInitializer,
-    BatchRegistration,
-    PatchPyramidRegistration,
-    SlidePairRegistration,
-    load_weights,
-    read_cover_table,
-    select_pairs,
-)
-from scripts.affine import affine_to_field
-from scripts.batch import RESULT_COLUMNS, STAGES, ExitCode
-from scripts.output_lock import LOCK_FILE, OutputFolderLock, OutputFolderLocked
-from scripts.cover_table import (
+from scripts import SlidePairRegistration
+from scripts.align import AffineInitializer
+from scripts.io import read_cover_table, select_pairs
+from scripts.register import PatchPyramidRegistration, load_weights
+from scripts.runner import BatchRegistration
+from scripts.align.affine import affine_to_field
+from scripts.runner.batch import RESULT_COLUMNS, STAGES, ExitCode
+from scripts.runner.output_lock import LOCK_FILE, OutputFolderLock, OutputFolderLocked
+from scripts.io.cover_table import (
     MAX_FOLDER_NAME_BYTES,
     PATH_COLUMNS,
     SOURCE_IMAGE,
@@ -50,9 +46,9 @@ from scripts.cover_table import (
     folder_name,
 )
 from scripts.errors import RegistrationInputError
-from scripts.preprocess import PairGeometry
-from scripts.slide_io import read_landmarks, read_slide, write_landmarks
-from scripts.transform import SlideTransform
+from scripts.prepare.preprocess import PairGeometry
+from scripts.io.slide_io import read_landmarks, read_slide, write_landmarks
+from scripts.outputs.transform import SlideTransform
 
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")
 
@@ -363,7 +359,7 @@ def test_mismatched_landmark_counts_warn_for_each_pair_by_name(inputs, registrat
     table = tmp_path / "pairs.csv"
     good = f"{slides / 'target.jpg'},{slides / 'source.jpg'},{short},{slides / 'source.csv'}\n"
     table.write_text(f"{TARGET_IMAGE},{SOURCE_IMAGE},{TARGET_LANDMARKS},{SOURCE_LANDMARKS}\n" + good * 2)
-    with caplog.at_level("WARNING", logger="scripts.batch"):
+    with caplog.at_level("WARNING", logger="scripts.runner.batch"):
         summary = BatchRegistration(registration, read_cover_table(table), tmp_path / "out").run()
     message = "78 source landmarks vs 76 target landmarks: pairing the first 76 by row order"
     rows = _rows_of(tmp_path / "out" / "registration-results.csv")

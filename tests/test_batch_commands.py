@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_bundle_commands import BUNDLE  # small_pair, the sample kidney pair at 30 %, is in conftest.py
 
-from scripts.batch import ExitCode
+from scripts.runner.batch import ExitCode
 
 # The shipped model, a small working grid and no refinement: a 350 px pair takes about a second.
 FAST = ("--working_size", "256", "--refine", "False")
@@ -83,13 +83,13 @@ STALLED_RUN = """
 import sys, time
 from pathlib import Path
 import monai.bundle
-import scripts.batch
+import scripts.runner.batch
 
 marker, source, target, out = sys.argv[1:]
 def stalled(staging, *args):
     Path(marker).write_text(str(staging))
     time.sleep(120)
-scripts.batch.save_stage_panels = stalled
+scripts.runner.batch.save_stage_panels = stalled
 monai.bundle.run(
     "inference", config_file="configs/inference.yaml", working_size=256, refine=False,
     source=source, target=target, output_dir=out,

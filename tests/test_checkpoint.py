@@ -15,10 +15,12 @@ import yaml
 from monai.networks.nets import UNet
 from PIL import Image
 
-from scripts import BatchRegistration, PatchPyramidRegistration, SlidePairRegistration, load_weights
-from scripts.cover_table import select_pairs
+from scripts import SlidePairRegistration
+from scripts.register import PatchPyramidRegistration, load_weights
+from scripts.runner import BatchRegistration
+from scripts.io.cover_table import select_pairs
 from scripts.errors import RegistrationInputError
-from scripts.slide_io import read_slide
+from scripts.io.slide_io import read_slide
 
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")
 

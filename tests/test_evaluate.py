@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts import ResultsEvaluation
+from scripts.evaluate import ResultsEvaluation
 from scripts.errors import RegistrationInputError
-from scripts.slide_io import read_landmarks, write_landmarks
+from scripts.io.slide_io import read_landmarks, write_landmarks
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 STAGES = ("initial", "affine", "nonrigid")

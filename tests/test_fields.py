@@ -12,7 +12,7 @@ from scipy.ndimage import gaussian_filter
 from skimage import data
 from skimage.color import rgb2gray
 
-from scripts.fields import compose_fields, identity_grid, invert_points, pull, resize_field, sample_field
+from scripts.frames.fields import compose_fields, identity_grid, invert_points, pull, resize_field, sample_field
 
 # MONAI's Warp announces its PyTorch fallback on CPU; nothing to act on here
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")

@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.affine import affine_to_field
-from scripts.fields import compose_fields
-from scripts.preprocess import PairGeometry
-from scripts.transform import ITK_FIELD_CONVENTION, SlideTransform
-from scripts.slide_image import ArraySlide
+from scripts.align.affine import affine_to_field
+from scripts.frames.fields import compose_fields
+from scripts.prepare.preprocess import PairGeometry
+from scripts.outputs.transform import ITK_FIELD_CONVENTION, SlideTransform
+from scripts.io.slide_image import ArraySlide
 
 KIDNEY = Path(__file__).resolve().parents[1] / "bundle" / "sample" / "rat-kidney"
 SCALE = 1 / 4  # of the sample slides (1164 x 787 px)

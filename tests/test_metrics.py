@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from scripts.metrics import (
+from scripts.evaluate.metrics import (
     PairScores,
     image_diagonal,
     pair_landmarks,

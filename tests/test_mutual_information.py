@@ -7,7 +7,7 @@ import torch
 from monai.losses import GlobalMutualInformationLoss
 from skimage import color, data
 
-from scripts.mutual_information import ParzenWindows, mutual_information
+from scripts.refine.mutual_information import ParzenWindows, mutual_information
 
 
 def _cubic_bspline(t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from scripts.slide_reader import TiffSlide, open_slide, read_downsampled
+from scripts.io.slide_reader import TiffSlide, open_slide, read_downsampled
 
 SAMPLE = Path(__file__).resolve().parents[1] / "bundle" / "sample" / "rat-kidney" / "Rat-Kidney_HE.jpg"
 MCU = 16  # px, the side of a JPEG minimum coded unit with 4:2:0 chroma subsampling (PIL's default)

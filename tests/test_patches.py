@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
-from scripts.fields import resize_field
-from scripts.nonrigid import PatchPyramidRegistration, downsample
-from scripts.patches import PatchGrid, blend_profile, blend_window
+from scripts.frames.fields import resize_field
+from scripts.register.nonrigid import PatchPyramidRegistration, downsample
+from scripts.register.patches import PatchGrid, blend_profile, blend_window
 
 # MONAI's Warp announces its PyTorch fallback on CPU; nothing to act on here
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")

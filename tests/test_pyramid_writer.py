@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from scripts.pyramid_writer import pyramid_shapes, write_pyramid
-from scripts.slide_image import ArraySlide
+from scripts.io.pyramid_writer import pyramid_shapes, write_pyramid
+from scripts.io.slide_image import ArraySlide
 from test_transform import TARGET_SHAPE, _assembled, _coordinate_source, _transform
 
 

@@ -1,4 +1,4 @@
-"""Quality figures (scripts/quality.py) on fields and masks with known answers and on a real tissue image, and the
+"""Quality figures (scripts/evaluate/quality.py) on fields and masks with known answers and on a real tissue image, and the
 batch's warning status for an implausible registration."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from monai.bundle import ConfigParser
 from monai.networks.blocks import Warp
 from PIL import Image
 
-from scripts import BatchRegistration, read_cover_table
-from scripts.preprocess import PairGeometry, tissue_image, to_working_grid
-from scripts.quality import QUALITY_COLUMNS, RegistrationQuality, folded_share, similarity, tissue_dice
-from scripts.slide_io import read_slide
+from scripts.io import read_cover_table
+from scripts.runner import BatchRegistration
+from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.evaluate.quality import QUALITY_COLUMNS, RegistrationQuality, folded_share, similarity, tissue_dice
+from scripts.io.slide_io import read_slide
 
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")
 

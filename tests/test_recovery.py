@@ -11,9 +11,9 @@ import torch
 from monai.bundle import ConfigParser
 from monai.networks.blocks import Warp
 
-from scripts import load_weights
-from scripts.preprocess import PairGeometry, tissue_image, to_working_grid
-from scripts.slide_io import read_slide
+from scripts.register import load_weights
+from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.io.slide_io import read_slide
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 SLIDE = BUNDLE / "sample" / "lung-lesion" / "Izd2-29-041-w35_HE.jpg"

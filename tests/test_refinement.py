@@ -8,9 +8,9 @@ import pytest
 import torch
 from monai.networks.blocks import Warp
 
-from scripts.preprocess import PairGeometry, tissue_image, to_working_grid
-from scripts.refinement import MutualInformationRefinement, grid_bending_gradient
-from scripts.slide_io import read_slide
+from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.refine.refinement import MutualInformationRefinement, grid_bending_gradient
+from scripts.io.slide_io import read_slide
 from test_recovery import smooth_field
 
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")

@@ -16,8 +16,8 @@ from skimage import data
 from skimage.color import rgb2gray
 
 from scripts.errors import RegistrationInputError
-from scripts.slide_image import ArraySlide
-from scripts.slide_io import (
+from scripts.io.slide_image import ArraySlide
+from scripts.io.slide_io import (
     atomic_path,
     read_landmarks,
     read_slide,

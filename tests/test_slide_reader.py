@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from scripts.errors import RegistrationInputError
-from scripts.preprocess import PairGeometry, tissue_image, to_working_grid, working_image
-from scripts.slide_image import ArraySlide
-from scripts.slide_io import MAX_DECODED_PIXELS, read_slide
-from scripts.slide_reader import TiffSlide, open_slide, read_downsampled
+from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid, working_image
+from scripts.io.slide_image import ArraySlide
+from scripts.io.slide_io import MAX_DECODED_PIXELS, read_slide
+from scripts.io.slide_reader import TiffSlide, open_slide, read_downsampled
 
 SAMPLE = Path(__file__).resolve().parents[1] / "bundle" / "sample" / "rat-kidney" / "Rat-Kidney_HE.jpg"
 TILE = (64, 64)
@@ -349,7 +349,9 @@ def test_pair_of_different_pixel_sizes_registers_at_one_physical_scale(tmp_path:
     import yaml
     from monai.networks.nets import UNet
 
-    from scripts import AffineInitializer, PatchPyramidRegistration, SlidePairRegistration
+    from scripts import SlidePairRegistration
+    from scripts.align import AffineInitializer
+    from scripts.register import PatchPyramidRegistration
 
     tissue = _tissue()
     fine = np.repeat(np.repeat(tissue, 2, axis=0), 2, axis=1)

@@ -21,7 +21,7 @@ WORKING_SIZE = 256  # small enough for seconds, large enough that the affine sta
 REGISTER = f"""
 import sys, torch
 from monai.bundle import ConfigParser
-from scripts.slide_io import read_slide
+from scripts.io.slide_io import read_slide
 parser = ConfigParser()
 parser.read_config("configs/inference.yaml")
 parser["working_size"] = {WORKING_SIZE}

@@ -16,10 +16,11 @@ from monai.networks.nets import UNet
 from PIL import Image
 from skimage import data
 
-from scripts import PatchPyramidRegistration, SlidePairRegistration
+from scripts import SlidePairRegistration
+from scripts.register import PatchPyramidRegistration
 from scripts.errors import RegistrationInputError
-from scripts.preprocess import LUMA, MIN_STRUCTURE, MIN_TISSUE_FRACTION, require_tissue, tissue_content
-from scripts.slide_io import read_slide
+from scripts.prepare.preprocess import LUMA, MIN_STRUCTURE, MIN_TISSUE_FRACTION, require_tissue, tissue_content
+from scripts.io.slide_io import read_slide
 from tiff_slide import TiffSlide, write_tiff_pyramid
 
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")

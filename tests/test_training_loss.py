@@ -8,8 +8,8 @@ import pytest
 import torch
 from monai.losses import BendingEnergyLoss, LocalNormalizedCrossCorrelationLoss
 
-from scripts.nonrigid import LevelOutput
-from scripts.training import BendingEnergy2d, PyramidLoss
+from scripts.register.nonrigid import LevelOutput
+from scripts.train.training import BendingEnergy2d, PyramidLoss
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 3, 3), (1, 2, 17, 40), (3, 2, 64, 31)])

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from scipy.ndimage import binary_erosion
 from tiff_slide import TiffSlide, write_tiff_pyramid
 
-from scripts.affine import affine_to_field
+from scripts.align.affine import affine_to_field
 from scripts.errors import RegistrationInputError
-from scripts.fields import compose_fields, sample_field
-from scripts.preprocess import PairGeometry, to_working_grid
-from scripts.slide_image import ArraySlide
-from scripts.transform import SlideTransform
+from scripts.frames.fields import compose_fields, sample_field
+from scripts.prepare.preprocess import PairGeometry, to_working_grid
+from scripts.io.slide_image import ArraySlide
+from scripts.outputs.transform import SlideTransform
 
 # MONAI's Warp announces its PyTorch fallback on CPU; nothing to act on here
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")

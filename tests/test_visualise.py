@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.visualise import checkerboard, overlay, save_png, save_stage_panels
+from scripts.outputs.visualise import checkerboard, overlay, save_png, save_stage_panels
 
 FIXED_VALUE, MOVING_VALUE = 0.25, 0.75
 

@@ -21,7 +21,8 @@ import torch
 import yaml
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 
-from scripts import exit_on_usage_error, load_weights
+from scripts import exit_on_usage_error
+from scripts.register import load_weights
 from scripts.errors import RegistrationInputError
 from scripts.usage import USAGE_EXIT_STATUS, UsageError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from scripts.slide_image import SlideImage, SlideLevel
+from scripts.io.slide_image import SlideImage, SlideLevel
 
 
 def write_tiff_pyramid(path: Path, pixels: np.ndarray, levels: int, tile: int = 64, bit_depth: int = 8) -> Path:

@@ -1,4 +1,11 @@
-"""What the bundle's configs use; MONAI, Ignite and PyTorch provide the rest."""
+"""What MONAI, Ignite and PyTorch lack, one folder per step of the pipeline, in the order a pair goes through them.
+
+``io`` (read slides, landmarks, the ANHIR tables) -> ``prepare`` (working-grid tissue images) -> ``align`` (affine) ->
+``register`` (the patch networks) -> ``refine`` (mutual-information refinement) -> ``outputs`` (write); ``frames``
+holds the coordinate frames all of them share, ``registration`` chains the steps for one pair, ``runner`` runs it
+over a cover table, ``evaluate`` and ``train`` are `run evaluate` and `run training`. Each folder's ``__init__``
+exports what the configs use.
+"""
 
 from pathlib import Path
 import warnings
@@ -7,35 +14,10 @@ import warnings
 # optional compiled resampler is not used): nothing a user can act on.
 warnings.filterwarnings("ignore", "monai.networks.blocks.Warp: Using PyTorch native grid_sample", UserWarning)
 
-from .affine import AffineInitializer
-from .batch import BatchRegistration
-from .checkpoint import load_weights
-from .cover_table import read_cover_table, select_pairs
-from .errors import RegistrationInputError
-from .evaluation import ResultsEvaluation
-from .networks import LevelNetworks, identity_initialised
-from .nonrigid import PatchPyramidRegistration
-from .refinement import MutualInformationRefinement
 from .registration import SlidePairRegistration
 from .usage import UsageError, exit_on_usage_error
 
 # the configs' `bundle_root`: the folder holding `scripts/`, whatever folder a command runs from
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 
-__all__ = [
-    "BUNDLE_ROOT",
-    "AffineInitializer",
-    "BatchRegistration",
-    "LevelNetworks",
-    "MutualInformationRefinement",
-    "PatchPyramidRegistration",
-    "RegistrationInputError",
-    "ResultsEvaluation",
-    "SlidePairRegistration",
-    "UsageError",
-    "exit_on_usage_error",
-    "identity_initialised",
-    "load_weights",
-    "read_cover_table",
-    "select_pairs",
-]
+__all__ = ["BUNDLE_ROOT", "SlidePairRegistration", "UsageError", "exit_on_usage_error"]

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from monai.networks.blocks import Warp
 
-from .affine import affine_to_field
-from .nonrigid import PatchPyramidRegistration
-from .preprocess import PairGeometry, read_at_working_resolution, require_tissue, working_image
-from .quality import RegistrationQuality
-from .slide_image import SlideImage
-from .transform import SlideTransform
+from .align.affine import affine_to_field
+from .register.nonrigid import PatchPyramidRegistration
+from .prepare.preprocess import PairGeometry, read_at_working_resolution, require_tissue, working_image
+from .evaluate.quality import RegistrationQuality
+from .io.slide_image import SlideImage
+from .outputs.transform import SlideTransform
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class PairRegistration:
         stages: (1, 1, h, w) source tissue image on the working grid after each stage: "initial" (padded and resampled
             only), "affine" and "nonrigid".
         timings: seconds per stage.
-        quality: similarity per stage, folded pixels and tissue overlap (:mod:`scripts.quality`).
+        quality: similarity per stage, folded pixels and tissue overlap (:mod:`scripts.evaluate.quality`).
     """
 
     transform: SlideTransform

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fields import identity_grid
-from .threads import one_thread
+from ..frames.fields import identity_grid
+from ..threads import one_thread
 
 __all__ = ["AffineInitializer", "affine_to_field", "global_ncc"]
 

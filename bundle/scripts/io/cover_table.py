@@ -7,8 +7,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RegistrationInputError
-from .usage import UsageError
+from ..errors import RegistrationInputError
+from ..usage import UsageError
 
 TARGET_IMAGE = "Target image"
 SOURCE_IMAGE = "Source image"
@@ -21,6 +21,11 @@ MAX_FOLDER_NAME_BYTES = 200
 # optional GeoJSON (QuPath) of either slide, mapped into the other's frame
 TARGET_ANNOTATIONS = "Target annotations"
 SOURCE_ANNOTATIONS = "Source annotations"
+# result columns of the ANHIR/BIRL results table that `run evaluate` reads
+WARPED_SOURCE_LANDMARKS = "Warped source landmarks"  # the source's landmarks in the target's frame
+WARPED_TARGET_LANDMARKS = "Warped target landmarks"
+EXECUTION_TIME = "Execution time [minutes]"
+STATUS = "Status"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ class LevelNetworks(torch.nn.Module):
 
     This is the bundle's ``network_def``: its state dict is ``models/model.pt`` (keys ``networks.<level>...``), its
     forward on patches is what ``metadata.json``'s ``network_data_format`` describes, and it is TorchScript-able
-    (``ckpt_export`` writes ``models/model.ts``). :class:`scripts.nonrigid.PatchPyramidRegistration` extends it with
+    (``ckpt_export`` writes ``models/model.ts``). :class:`scripts.register.nonrigid.PatchPyramidRegistration` extends it with
     the pyramid over whole images.
 
     Args:

@@ -52,7 +52,7 @@ def write_pyramid(
     Args:
         path: the output file (``.ome.tif`` / ``.ome.tiff``).
         tiles: level 0 as (h, w, ``channels``) float tiles in [0, 1], row-major over a grid of ``tile_size``
-            tiles, edge tiles cropped (as :meth:`scripts.transform.SlideTransform.warp_tiles` yields them).
+            tiles, edge tiles cropped (as :meth:`scripts.outputs.transform.SlideTransform.warp_tiles` yields them).
         shape: (rows, columns) of level 0.
         channels: 1 (greyscale) or 3 (RGB).
         bit_depth: 8 or 16 bits per sample.

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .slide_io import write_png
+from ..io.slide_io import write_png
 
 ImageLike = np.ndarray | torch.Tensor
 

@@ -30,7 +30,7 @@ import numpy as np
 import tifffile
 from monai.config import PathLike
 
-from .errors import RegistrationInputError
+from ..errors import RegistrationInputError
 from .slide_image import ArraySlide, SlideImage, SlideLevel
 from .slide_io import (
     _PIL_SUFFIXES,

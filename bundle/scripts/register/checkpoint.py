@@ -9,10 +9,10 @@ import torch
 from monai.apps.utils import check_hash
 from monai.bundle import ConfigParser
 
-from .errors import RegistrationInputError
+from ..errors import RegistrationInputError
 
 # The Model Zoo's record of the bundle's large files (path relative to the bundle folder, url, hash_val, hash_type).
-LARGE_FILES = Path(__file__).resolve().parents[1] / "large_files.yml"
+LARGE_FILES = Path(__file__).resolve().parents[2] / "large_files.yml"
 
 
 def load_weights(module: torch.nn.Module, path: str | Path, large_files: str | Path = LARGE_FILES) -> torch.nn.Module:

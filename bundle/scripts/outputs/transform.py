@@ -27,12 +27,12 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .fields import identity_grid, invert_points, pull, sample_field
-from .preprocess import PairGeometry
-from .pyramid_writer import write_pyramid
-from .slide_image import SlideImage
-from .slide_io import atomic_path
-from .errors import RegistrationInputError
+from ..frames.fields import identity_grid, invert_points, pull, sample_field
+from ..prepare.preprocess import PairGeometry
+from ..io.pyramid_writer import write_pyramid
+from ..io.slide_image import SlideImage
+from ..io.slide_io import atomic_path
+from ..errors import RegistrationInputError
 
 # the files of a pair folder that SlideTransform.load reads (run inference writes them)
 REGISTRATION_RECORD = "registration.json"
@@ -238,7 +238,7 @@ class SlideTransform:
         compression: str | None = None,
     ) -> None:
         """Warp ``source`` tile by tile (:meth:`warp_tiles`) into a tiled pyramidal OME-TIFF at ``path``, with the
-        target's microns per pixel where its file stated them (see :func:`scripts.pyramid_writer.write_pyramid`)."""
+        target's microns per pixel where its file stated them (see :func:`scripts.io.pyramid_writer.write_pyramid`)."""
         mpp = getattr(self.geometry, "target_mpp", None)  # recorded by PairGeometry when the slide's file states it
         write_pyramid(
             path,

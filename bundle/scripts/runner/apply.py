@@ -12,12 +12,12 @@ import json
 import logging
 from pathlib import Path
 
-from .annotations import map_geojson
-from .errors import RegistrationInputError
-from .slide_image import SlideImage
-from .slide_io import atomic_path, read_landmarks, write_landmarks
-from .slide_reader import open_slide
-from .transform import SlideTransform
+from ..outputs.annotations import map_geojson
+from ..errors import RegistrationInputError
+from ..io.slide_image import SlideImage
+from ..io.slide_io import atomic_path, read_landmarks, write_landmarks
+from ..io.slide_reader import open_slide
+from ..outputs.transform import SlideTransform
 
 logger = logging.getLogger(__name__)
 

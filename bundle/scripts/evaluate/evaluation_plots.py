@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 
-from .slide_io import atomic_path
+from ..io.slide_io import atomic_path
 
 __all__ = ["save_evaluation_plots"]
 

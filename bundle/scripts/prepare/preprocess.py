@@ -20,11 +20,11 @@ from monai.transforms import GaussianSmooth, Resize, ScaleIntensityRange, Spatia
 from monai.utils import convert_to_tensor
 from scipy.ndimage import gaussian_filter
 
-from .errors import RegistrationInputError
-from .nonrigid import downsample
+from ..errors import RegistrationInputError
+from ..register.nonrigid import downsample
 
-from .slide_image import SlideImage
-from .slide_reader import Downsampled, read_downsampled
+from ..io.slide_image import SlideImage
+from ..io.slide_reader import Downsampled, read_downsampled
 
 # ITU-R BT.601 luma: the usual gray conversion; any fixed mix works since only structure is compared
 LUMA = (0.299, 0.587, 0.114)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RegistrationInputError
-from .preprocess import PairGeometry
-from .slide_io import atomic_path
+from ..errors import RegistrationInputError
+from ..prepare.preprocess import PairGeometry
+from ..io.slide_io import atomic_path
 from .transform import SlideTransform
 
 __all__ = ["map_annotations", "map_geojson", "read_geojson"]

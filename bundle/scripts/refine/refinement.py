@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .fields import compose_fields, identity_grid, pull, resize_field
+from ..frames.fields import compose_fields, identity_grid, pull, resize_field
 from .mutual_information import ParzenWindows, mutual_information
-from .nonrigid import downsample
-from .threads import one_thread
+from ..register.nonrigid import downsample
+from ..threads import one_thread
 
 BAND_PIXELS = 1 << 16  # working pixels per band of the final composition
 

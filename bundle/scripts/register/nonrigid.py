@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fields import compose_fields, pull, resize_field
+from ..frames.fields import compose_fields, pull, resize_field
 from .networks import LevelNetworks
 from .patches import PatchGrid
 

@@ -28,7 +28,7 @@ from monai.data import PILReader
 from monai.transforms import LoadImage
 from PIL import Image
 
-from .errors import RegistrationInputError
+from ..errors import RegistrationInputError
 from .slide_image import ArraySlide
 
 __all__ = [

@@ -24,35 +24,31 @@ from pathlib import Path
 
 import numpy as np
 
-from .annotations import map_geojson
-from .cover_table import (
-    SOURCE_ANNOTATIONS, SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_ANNOTATIONS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow,
-    read_csv_table,
+from ..outputs.annotations import map_geojson
+from ..io.cover_table import (
+    EXECUTION_TIME, SOURCE_ANNOTATIONS, SOURCE_IMAGE, SOURCE_LANDMARKS, STATUS, TARGET_ANNOTATIONS, TARGET_IMAGE,
+    TARGET_LANDMARKS, WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS, PairRow, read_csv_table,
 )
-from .errors import RegistrationInputError
-from .metrics import PairScores, image_diagonal, score_pair, summarise
-from .quality import QUALITY_COLUMNS
-from .affine import affine_to_field
+from ..errors import RegistrationInputError
+from ..evaluate.metrics import PairScores, image_diagonal, score_pair, summarise
+from ..evaluate.quality import QUALITY_COLUMNS
+from ..align.affine import affine_to_field
 from .output_lock import OutputFolderLock, OutputFolderLocked
-from .registration import SlidePairRegistration
+from ..registration import SlidePairRegistration
 from .sharding import Shard
-from .slide_io import atomic_path, read_landmarks, write_landmarks, write_slide
-from .slide_reader import open_slide
-from .transform import SlideTransform
-from .usage import USAGE_EXIT_STATUS
-from .visualise import save_stage_panels
+from ..io.slide_io import atomic_path, read_landmarks, write_landmarks, write_slide
+from ..io.slide_reader import open_slide
+from ..outputs.transform import SlideTransform
+from ..usage import USAGE_EXIT_STATUS
+from ..outputs.visualise import save_stage_panels
 
 logger = logging.getLogger(__name__)
 
-WARPED_SOURCE_LANDMARKS = "Warped source landmarks"
-WARPED_TARGET_LANDMARKS = "Warped target landmarks"
 # An intermediate stage's landmarks, in the `Warped source landmarks (<stage>)` form that `run evaluate` scores.
 WARPED_SOURCE_LANDMARKS_AFFINE = "Warped source landmarks (affine)"
 WARPED_SOURCE_IMAGE = "Warped source image"
 DISPLACEMENT_FIELD = "Displacement field"
 ITK_DISPLACEMENT_FIELD = "ITK displacement field"
-EXECUTION_TIME = "Execution time [minutes]"
-STATUS = "Status"
 # the source's annotations in the target's frame, and the target's in the source's (GeoJSON)
 WARPED_SOURCE_ANNOTATIONS = "Warped source annotations"
 WARPED_TARGET_ANNOTATIONS = "Warped target annotations"
@@ -121,14 +117,14 @@ class BatchRegistration:
     into place, so it is either complete or absent. Beside them: ``registration-results.csv`` (the cover table plus
     the result columns, rewritten after every pair) and ``registration-summary.json`` (ANHIR aggregates per stage).
 
-    One run at a time writes into a folder (:class:`scripts.output_lock.OutputFolderLock`). A run into a folder that
+    One run at a time writes into a folder (:class:`scripts.runner.output_lock.OutputFolderLock`). A run into a folder that
     holds results keeps the rows of the pairs it does not redo: rows are identified by their pair folder, and the
     summary covers every row of the merged table. Under `torchrun` (``WORLD_SIZE > 1``) each rank registers its
-    share of the rows (:class:`scripts.sharding.Shard`) and rank 0 writes the table and summary of all of them.
+    share of the rows (:class:`scripts.runner.sharding.Shard`) and rank 0 writes the table and summary of all of them.
 
     Args:
         registration: the configured pair registration (networks loaded).
-        pairs: column names and rows, as from :func:`scripts.cover_table.select_pairs`.
+        pairs: column names and rows, as from :func:`scripts.io.cover_table.select_pairs`.
         output_dir: where results go; created if needed. Inputs are only read.
         skip_done: leave a pair whose folder is complete, from the same input paths, as it is (so that an
             interrupted batch resumes where it stopped); False registers every pair again.
@@ -489,7 +485,7 @@ class BatchRegistration:
             "pairs": len(rows),
             "failed": len(failures),
             "failures": failures,
-            # registered, but with implausible quality figures (scripts/quality.py)
+            # registered, but with implausible quality figures (scripts/evaluate/quality.py)
             "warnings": {row.get(PAIR_FOLDER, ""): row[STATUS] for row in rows if row.get(STATUS, "").startswith("warning")},
             "stages": {stage: summarise([pair[stage] for pair in scores.values()]) for stage in STAGES},
             "per_pair": {name: {stage: vars(s) for stage, s in pair.items()} for name, pair in scores.items()},

@@ -4,7 +4,7 @@ Landmarks are rare in practice, so a user needs signs from the images themselves
 
 - the similarity of the target and the warped source before and after each stage: global normalised
   cross-correlation (what the affine stage maximises) and mutual information (what the refinement maximises, cubic
-  B-spline Parzen windows from :mod:`scripts.mutual_information`);
+  B-spline Parzen windows from :mod:`scripts.refine.mutual_information`);
 - the share of folded pixels: where the Jacobian determinant of ``x -> x + u(x)`` is <= 0 (central differences, as
   the Learn2Reg challenge counts them), i.e. where the mapping turns the tissue over;
 - the tissue overlap: Dice (MONAI's ``compute_dice``) of the tissue masks of the target and the warped source, each
@@ -26,9 +26,9 @@ import torch
 from monai.metrics import compute_dice
 from skimage.filters import threshold_otsu
 
-from .affine import global_ncc
-from .fields import identity_grid, pull
-from .mutual_information import ParzenWindows, mutual_information
+from ..align.affine import global_ncc
+from ..frames.fields import identity_grid, pull
+from ..refine.mutual_information import ParzenWindows, mutual_information
 
 # the results table's quality columns (registration.json has every stage)
 QUALITY_COLUMNS = (

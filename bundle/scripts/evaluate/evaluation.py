@@ -3,7 +3,7 @@
 A results table is a cover table plus the paths of the warped landmarks, as ``run inference`` writes it (or BIRL, or
 any tool that follows ANHIR's columns). Its rows are matched to the cover table's by the four path columns, whose
 strings are the cover table's. Scores are rTRE = landmark distance / diagonal of the target image (unitless), see
-:mod:`scripts.metrics`.
+:mod:`scripts.evaluate.metrics`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from .batch import EXECUTION_TIME, STATUS, WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS
-from .cover_table import (
+from ..io.cover_table import (
+    EXECUTION_TIME,
     PATH_COLUMNS,
+    STATUS,
+    WARPED_SOURCE_LANDMARKS,
+    WARPED_TARGET_LANDMARKS,
     SOURCE_LANDMARKS,
     TARGET_IMAGE,
     TARGET_LANDMARKS,
@@ -32,10 +35,10 @@ from .cover_table import (
     read_cover_table,
     read_csv_table,
 )
-from .errors import RegistrationInputError
+from ..errors import RegistrationInputError
 from .evaluation_plots import save_evaluation_plots
 from .metrics import PairScores, finite_for_json, image_diagonal, pair_landmarks, score_pair, summarise
-from .slide_io import atomic_path, read_landmarks
+from ..io.slide_io import atomic_path, read_landmarks
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +100,7 @@ class ResultsEvaluation:
     ``<output_dir>/`` receives ``metrics.json`` (aggregates overall and per tissue, per stage; pairs counted as not
     registered with the reason; ``invalid_times``, pair -> problem; ``non_finite``, the figures that were NaN or
     infinite and are written as null, since JSON has neither), ``evaluation-pairs.csv`` (one row per cover pair) and
-    the PNG plots of :func:`scripts.evaluation_plots.save_evaluation_plots`.
+    the PNG plots of :func:`scripts.evaluate.evaluation_plots.save_evaluation_plots`.
 
     Args:
         pairs_csv: the ANHIR / BIRL cover table; its paths are relative to its folder (or absolute).
@@ -388,7 +391,7 @@ def _image_shape(path: Path) -> tuple[int, int]:
 
 
 def _aggregates(evaluations: list[PairEvaluation], stages: tuple[str, ...]) -> dict[str, dict]:
-    """Per stage, the ANHIR aggregates of :func:`scripts.metrics.summarise` over the scored pairs, plus their mean
+    """Per stage, the ANHIR aggregates of :func:`scripts.evaluate.metrics.summarise` over the scored pairs, plus their mean
     execution time (None for the initial stage, which took none, or where the table has no times)."""
     scored = [e for e in evaluations if e.scores]
     times = [e.time_minutes for e in scored if e.time_minutes is not None]

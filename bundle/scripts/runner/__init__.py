@@ -1,0 +1,6 @@
+"""Run: `run inference` over a cover table (per-pair failures recorded, atomic pair folders, one run per folder, torchrun shards) and `run apply`."""
+
+from .apply import ApplyRegistration
+from .batch import BatchRegistration
+
+__all__ = ["ApplyRegistration", "BatchRegistration"]

@@ -1,0 +1,9 @@
+"""Train: the unsupervised pyramid training of the per-level U-Nets (`run training`)."""
+
+from .training import (
+    LandmarkValidationStep, PyramidLevels, PyramidLoss, PyramidTrainingStep, RegistrationPanels, training_pairs,
+    validation_rows,
+)
+
+__all__ = [
+    "LandmarkValidationStep", "PyramidLevels", "PyramidLoss", "PyramidTrainingStep", "RegistrationPanels", "training_pairs", "validation_rows"]
