@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="OMP_NUM_THREADS / MKL_NUM_THREADS for the bundle's processes (default: unset, i.e. torch uses all "
-        "cores). On a machine shared with other work, torch with every core is very slow (the affine stage took "
-        "20 s instead of 0.4 s with one of two cores busy); 1 gives usable development numbers there.",
+        "cores). On a machine shared with other work, torch with every core is very slow (docs/design.md, "
+        "'Measurements behind the code'); 1 gives usable development numbers there.",
     )
     parser.add_argument(
         "--repeats",
