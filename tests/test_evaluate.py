@@ -24,7 +24,7 @@ from PIL import Image
 
 from scripts.evaluate import ResultsEvaluation
 from scripts.errors import RegistrationInputError
-from scripts.io.slide_io import read_landmarks, write_landmarks
+from scripts.io.anhir import read_landmarks, write_landmarks
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 STAGES = ("initial", "affine", "nonrigid")

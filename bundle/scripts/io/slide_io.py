@@ -1,21 +1,18 @@
-"""Reading and writing histology slides and their ANHIR landmark files.
+"""Reading and writing histology slides, and the checks every reader of a user's file shares.
 
 Images decoded whole (JPG, PNG, small flat TIFF) are held as :class:`ArraySlide`, (H, W, C) float32 in [0, 1] with
-C = 1 (greyscale) or 3 (RGB); whole-slide files are opened lazily by :mod:`.slide_reader`. Landmarks are (N, 2)
-float64 arrays of [X, Y] = [column, row] pixel coordinates with the origin at the top-left pixel, as in the
-ANHIR / BIRL CSV files. Every problem with a user-supplied file raises :class:`RegistrationInputError`.
+C = 1 (greyscale) or 3 (RGB); whole-slide files are opened lazily by :mod:`.slide_reader`. Text files (landmarks,
+:mod:`.anhir`) are read through :func:`read_text_file`, outputs written through :func:`atomic_path`. Every problem
+with a user-supplied file raises :class:`RegistrationInputError`.
 """
 
 from __future__ import annotations
 
-import csv
 import errno
 import io
-import math
 import os
 import secrets
 import stat
-from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,10 +33,8 @@ __all__ = [
     "MAX_DECODED_PIXELS",
     "check_decodable",
     "atomic_path",
-    "read_landmarks",
     "read_slide",
     "read_text_file",
-    "write_landmarks",
     "write_png",
     "write_slide",
 ]
@@ -177,61 +172,6 @@ def write_png(path: PathLike, pixels: np.ndarray) -> None:
     encoded = imagecodecs.png_encode(np.ascontiguousarray(pixels), **PNG_SETTINGS)
     with atomic_path(path) as temporary:
         temporary.write_bytes(encoded)
-
-
-def read_landmarks(path: PathLike) -> np.ndarray:
-    """Read an ANHIR / BIRL landmark CSV: header ``,X,Y`` (an index column first) or ``X,Y``.
-
-    Args:
-        path: the CSV file.
-    Returns:
-        (N, 2) float64, N >= 1, columns [X, Y] = [column, row] in pixels, origin at the top-left pixel.
-    Raises:
-        RegistrationInputError: the file is missing, not a regular file, larger than ``MAX_TEXT_FILE_BYTES``, not
-            UTF-8 text, has no X and Y columns, a missing, non-numeric or non-finite coordinate (naming its line), or
-            no points.
-    """
-    lines = read_text_file(path, "landmark file")
-    rows = csv.reader(lines)
-    try:
-        header = [name.strip() for name in next(rows, [])]
-        if "X" not in header or "Y" not in header:
-            # the count, not the names: a wrong file's first line (a password, a log entry) must not reach a report
-            raise RegistrationInputError(
-                path, f"no X and Y columns in the header (expected ',X,Y'; its first line has {len(header)} field(s))"
-            )
-        x_column, y_column = header.index("X"), header.index("Y")
-        points = array("d")  # 16 bytes a point, whatever the file's text takes
-        for row in rows:
-            if not "".join(row).strip():  # blank lines, e.g. at the end of the file
-                continue
-            line = rows.line_num
-            points.extend((_coordinate(path, row, x_column, "X", line), _coordinate(path, row, y_column, "Y", line)))
-    except (csv.Error, UnicodeDecodeError) as err:
-        raise RegistrationInputError(path, f"cannot be read as a CSV text file: {err}") from err
-    if not points:
-        raise RegistrationInputError(path, "no landmark points (only a header)")
-    return np.frombuffer(points, dtype=np.float64).reshape(-1, 2).copy()
-
-
-def write_landmarks(path: PathLike, points: np.ndarray) -> None:
-    """Write landmarks atomically in the ANHIR / BIRL format: header ``,X,Y``, index 0..N-1, 3 decimals.
-
-    Args:
-        path: the output CSV file.
-        points: (N, 2), N >= 1, [X, Y] = [column, row] in pixels; all finite, so that the file reads back.
-    Raises:
-        ValueError: a wrong shape, no points or a non-finite coordinate.
-    """
-    points = np.asarray(points, dtype=np.float64)
-    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
-        raise ValueError(f"points must be (N, 2) with N >= 1, got {points.shape}.")
-    if not np.isfinite(points).all():
-        raise ValueError("points contain NaN or infinite coordinates.")
-    with atomic_path(path) as temporary, temporary.open("w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["", "X", "Y"])
-        writer.writerows((index, f"{x:.3f}", f"{y:.3f}") for index, (x, y) in enumerate(points))
 
 
 def read_text_file(path: PathLike, what: str, limit: int = MAX_TEXT_FILE_BYTES) -> io.TextIOWrapper:
@@ -422,18 +362,3 @@ def _quantise(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
     dtype = np.uint8 if bit_depth == 8 else np.uint16
     scaled = np.clip(pixels, 0, 1) * np.iinfo(dtype).max
     return np.rint(scaled, out=scaled).astype(dtype)
-
-
-def _coordinate(path: PathLike, row: list[str], column: int, name: str, line: int) -> float:
-    """The finite number in ``row[column]``, the ``name`` coordinate on ``line`` (1-based) of ``path``."""
-    cell = row[column].strip() if column < len(row) else ""
-    if not cell:
-        raise RegistrationInputError(path, f"line {line}: missing {name} value")
-    try:
-        value = float(cell)
-    except ValueError:
-        shown = repr(cell) if len(cell) <= 20 else f"{cell[:20]!r}..."  # a short excerpt of what the file holds
-        raise RegistrationInputError(path, f"line {line}: {name} value {shown} is not a number") from None
-    if not math.isfinite(value):
-        raise RegistrationInputError(path, f"line {line}: {name} value {cell!r} is not finite")
-    return value

@@ -16,13 +16,15 @@ from monai.networks.blocks import Warp
 from skimage.data import immunohistochemistry
 from torch.utils.tensorboard import SummaryWriter
 
-from ..io.cover_table import SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow, read_cover_table
+from ..io.anhir import (
+    SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow, read_cover_table, read_landmarks,
+)
 from ..evaluate.metrics import image_diagonal, score_pair
 from ..register.nonrigid import LevelOutput, PatchPyramidRegistration
 from ..prepare.preprocess import PairGeometry, tissue_image, to_working_grid
 from ..align.affine import affine_to_field
 from ..registration import SlidePairRegistration
-from ..io.slide_io import read_landmarks, read_slide
+from ..io.slide_io import read_slide
 
 # Synthetic pairs see the same section through one colour channel: a cheap stand-in for a second stain.
 SYNTHETIC_STAIN_CHANNEL = 0
