@@ -19,6 +19,7 @@ from scripts.errors import RegistrationInputError
 from scripts.io.slide_image import ArraySlide
 from scripts.io.slide_io import (
     atomic_path,
+    quantise,
     read_slide,
     write_png,
     write_slide,
@@ -315,3 +316,13 @@ def test_atomic_path_keeps_old_file_on_error(tmp_path: Path) -> None:
 
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["result.csv"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_quantise_rounds_to_nearest_after_clipping(dtype: type) -> None:
+    """The one float -> integer conversion (slides, pyramids and panels): exact halves round to even."""
+    samples = np.array([-0.2, 0.0, 0.5 / 255, 1.5 / 255, 0.4 / 255, 0.6 / 255, 0.5, 1.0, 1.7], dtype=dtype)
+
+    np.testing.assert_array_equal(quantise(samples, 8), np.array([0, 0, 0, 2, 0, 1, 128, 255, 255], np.uint8))
+    assert quantise(samples, 16).dtype == np.uint16 and quantise(samples, 16)[-2:].tolist() == [65535, 65535]
+

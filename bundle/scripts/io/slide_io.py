@@ -32,6 +32,7 @@ __all__ = [
     "MAX_TEXT_FILE_BYTES",
     "MAX_DECODED_PIXELS",
     "check_decodable",
+    "quantise",
     "atomic_path",
     "read_slide",
     "read_text_file",
@@ -151,7 +152,7 @@ def write_slide(path: PathLike, pixels: np.ndarray, bit_depth: int) -> None:
         raise ValueError(f"pixels must be (H, W, 1 or 3), got {pixels.shape}.")
     if np.isnan(pixels).any():
         raise ValueError("pixels contain NaN.")
-    samples = _quantise(pixels, bit_depth)
+    samples = quantise(pixels, bit_depth)
     if bit_depth == 8:
         write_png(path, samples[..., 0] if samples.shape[-1] == 1 else samples)
         return
@@ -172,6 +173,14 @@ def write_png(path: PathLike, pixels: np.ndarray) -> None:
     encoded = imagecodecs.png_encode(np.ascontiguousarray(pixels), **PNG_SETTINGS)
     with atomic_path(path) as temporary:
         temporary.write_bytes(encoded)
+
+
+def quantise(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
+    """Float samples in [0, 1] -> uint8 or uint16 of the same shape, rounded to nearest (half to even) after clipping
+    to [0, 1]: the one float -> integer conversion of every image the bundle writes (slides, pyramids, panels)."""
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    scaled = np.clip(pixels, 0, 1) * np.iinfo(dtype).max
+    return np.rint(scaled, out=scaled).astype(dtype)
 
 
 def read_text_file(path: PathLike, what: str, limit: int = MAX_TEXT_FILE_BYTES) -> io.TextIOWrapper:
@@ -355,10 +364,3 @@ def _composite_over_white(pixels: np.ndarray) -> np.ndarray:
     colour, alpha = pixels[..., :-1], pixels[..., -1:]
     # colour * alpha + 1 * (1 - alpha), written so that rounding cannot leave [0, 1]
     return 1 - alpha * (1 - colour)
-
-
-def _quantise(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
-    """(H, W, C) float in [0, 1] -> (H, W, C) uint8 or uint16, rounded to nearest after clipping to [0, 1]."""
-    dtype = np.uint8 if bit_depth == 8 else np.uint16
-    scaled = np.clip(pixels, 0, 1) * np.iinfo(dtype).max
-    return np.rint(scaled, out=scaled).astype(dtype)
