@@ -49,8 +49,8 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 # What write_slide produces for each bit depth: PNG holds 8-bit RGB losslessly; 16-bit RGB needs TIFF.
 _WRITE_SUFFIXES = {8: (".png",), 16: (".tif", ".tiff")}
 # libpng through imagecodecs with zlib level 1, run-length matching and the "sub" row filter (OpenCV's fast settings)
-# instead of Pillow's adaptive filters at level 3: a third of the time per PNG (23 ms vs 70 ms for a 1024 x 692
-# overlay, 29 ms vs 90 ms for a 1164 x 787 warped slide) for files about 10 % larger
+# instead of Pillow's adaptive filters at level 3: much faster per PNG for files slightly larger (docs/design.md,
+# "Measurements moved from code comments (formats)")
 PNG_SETTINGS = {
     "level": imagecodecs.PNG.COMPRESSION.SPEED,
     "strategy": imagecodecs.PNG.STRATEGY.RLE,
@@ -65,8 +65,8 @@ _PIL_BIT_DEPTHS = {"L": 8, "LA": 8, "RGB": 8, "RGBA": 8, "I;16": 16, "I;16L": 16
 _TIFF_PHOTOMETRICS = (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Largest image decoded whole: held as float32 it takes 12 bytes per RGB pixel, and the registration and the flat
-# warped output hold a few copies (an 8,000 x 6,600 pair peaked at 6.1 GB). Larger images must be tiled TIFFs, which
-# are read region by region (slide_reader.py).
+# warped output hold a few copies (docs/design.md, "Measurements moved from code comments (formats)"). Larger images
+# must be tiled TIFFs, which are read region by region (slide_reader.py).
 MAX_DECODED_PIXELS = 8192 * 8192
 
 
@@ -127,7 +127,7 @@ def read_slide(path: PathLike) -> ArraySlide:
     if samples.size == 0:
         raise RegistrationInputError(path, "image is empty (no pixels)")
     pixels = _composite_over_white(_channels_last(samples, path))
-    # every pixel equal to the first: a tenth of the time of per-channel minima and maxima over the (H, W) axes
+    # every pixel equal to the first: one pass, cheaper than per-channel minima and maxima over the (H, W) axes
     if not (pixels != pixels[0, 0]).any():
         raise RegistrationInputError(path, "image is blank (all pixels equal)")
     return ArraySlide(pixels, bit_depth, str(path))
