@@ -87,7 +87,8 @@ def main() -> None:
             _milliseconds(lambda: _ours(moving, fixed, args.bins, False), args.repeats),
             _milliseconds(lambda: _monai(loss, moving, fixed, False), args.repeats),
         ]
-        print(f"| {samples} | {mi:.4f} | {monai_mi:.4f} | {cosine:.3f} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
+        cells = [str(samples), f"{mi:.4f}", f"{monai_mi:.4f}", f"{cosine:.3f}", *(f"{t:.2f}" for t in times)]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

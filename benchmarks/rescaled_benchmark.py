@@ -149,7 +149,8 @@ def write_cases(pairs_csv: Path, tissues: list[str], cases: list[str], folder: P
 
 
 def pair_index(name: str) -> int:
-    """Cover-table row of an evaluated pair: its folder name starts with the row's index (``scripts.io.anhir.folder_name``)."""
+    """Cover-table row of an evaluated pair: its folder name starts with the row's index
+    (``scripts.io.anhir.folder_name``)."""
     return int(name.split("_", 1)[0])
 
 
