@@ -66,24 +66,23 @@ if str(BUNDLE) not in sys.path:
 import itk
 import torch
 import torch.nn.functional as F
-from scripts.runner.batch import (
+from scripts.runner.batch import RESULT_COLUMNS, WARPED_SOURCE_LANDMARKS_AFFINE
+from scripts.io.anhir import (
     EXECUTION_TIME,
-    RESULT_COLUMNS,
-    STATUS,
-    WARPED_SOURCE_LANDMARKS,
-    WARPED_SOURCE_LANDMARKS_AFFINE,
-)
-from scripts.io.cover_table import (
     SOURCE_IMAGE,
     SOURCE_LANDMARKS,
+    STATUS,
     TARGET_IMAGE,
     TARGET_LANDMARKS,
+    WARPED_SOURCE_LANDMARKS,
     PairRow,
     read_cover_table,
+    read_landmarks,
+    write_landmarks,
 )
 from scripts.errors import RegistrationInputError
 from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
-from scripts.io.slide_io import atomic_path, read_landmarks, read_slide, write_landmarks
+from scripts.io.slide_io import atomic_path, read_slide
 
 logger = logging.getLogger("elastix_registration")
 

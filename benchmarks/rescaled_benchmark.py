@@ -57,6 +57,11 @@ from scipy.ndimage import gaussian_filter
 from skimage.io import imread, imsave
 from skimage.transform import AffineTransform, warp
 
+if str(BUNDLE) not in sys.path:
+    sys.path.insert(0, str(BUNDLE))
+
+from scripts.io.anhir import PATH_COLUMNS, read_landmarks, write_landmarks  # noqa: E402
+
 PAIRS_CSV = REPO.parent / "shared/data/anhir-samples/pairs.csv"
 # case -> linear map (rows, columns) of source positions
 CASES: dict[str, np.ndarray] = {
@@ -69,7 +74,6 @@ CASES: dict[str, np.ndarray] = {
     "shear0.15": np.array([[1.0, 0.0], [0.15, 1.0]]),
 }
 TOOLS = ("bundle", "bundle-affine", "bundle-networks", "elastix")
-COVER_COLUMNS = ("Target image", "Source image", "Target landmarks", "Source landmarks")
 
 
 def mapped_frame(linear: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
@@ -109,20 +113,6 @@ def resample_image(pixels: np.ndarray, linear: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.stack(channels, -1) * 255), 0, 255).astype(np.uint8)
 
 
-def read_landmarks(path: Path) -> tuple[list[str], np.ndarray]:
-    """ANHIR landmarks ``,X,Y`` -> (index column, (N, 2) row/column positions)."""
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))[1:]
-    return [row[0] for row in rows], np.array([[float(row[2]), float(row[1])] for row in rows])
-
-
-def write_landmarks(path: Path, index: list[str], points: np.ndarray) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["", "X", "Y"])
-        writer.writerows([i, f"{p[1]:.4f}", f"{p[0]:.4f}"] for i, p in zip(index, points))
-
-
 def write_cases(pairs_csv: Path, tissues: list[str], cases: list[str], folder: Path) -> Path:
     """Resampled sources and their landmarks under ``folder``, and the cover table of every case (absolute paths)."""
     folder = folder.resolve()
@@ -135,7 +125,7 @@ def write_cases(pairs_csv: Path, tissues: list[str], cases: list[str], folder: P
         target = {key: str(root / pair[key]) for key in ("Target image", "Target landmarks")}
         source_image, source_landmarks = root / pair["Source image"], root / pair["Source landmarks"]
         pixels = imread(source_image)
-        index, points = read_landmarks(source_landmarks)
+        points = read_landmarks(source_landmarks)[:, ::-1]  # (row, column)
         for case in cases:
             linear = CASES[case]
             row = {**target, "Tissue": pair["Tissue"], "Case": case, "Scale": linear.tolist()}
@@ -147,11 +137,11 @@ def write_cases(pairs_csv: Path, tissues: list[str], cases: list[str], folder: P
             offset, _ = mapped_frame(linear, pixels.shape[:2])
             if not image_path.is_file():
                 imsave(image_path, resample_image(pixels, linear), check_contrast=False)
-            write_landmarks(landmarks_path, index, map_points(points, linear, offset))
+            write_landmarks(landmarks_path, map_points(points, linear, offset)[:, ::-1])
             rows.append({**row, "Source image": str(image_path), "Source landmarks": str(landmarks_path)})
     cover = folder / "pairs.csv"
     with cover.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*COVER_COLUMNS, "Tissue", "Case", "Scale"])
+        writer = csv.DictWriter(handle, fieldnames=[*PATH_COLUMNS, "Tissue", "Case", "Scale"])
         writer.writeheader()
         writer.writerows({**row, "Scale": json.dumps(row["Scale"])} for row in rows)
     (folder / "cases.json").write_text(json.dumps(rows, indent=2))
@@ -159,7 +149,8 @@ def write_cases(pairs_csv: Path, tissues: list[str], cases: list[str], folder: P
 
 
 def pair_index(name: str) -> int:
-    """Cover-table row of an evaluated pair: its folder name starts with the row's index (``cover_table``)."""
+    """Cover-table row of an evaluated pair: its folder name starts with the row's index
+    (``scripts.io.anhir.folder_name``)."""
     return int(name.split("_", 1)[0])
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bundle"))
 
 from monai.bundle import ConfigParser  # noqa: E402
 
-from scripts.io.cover_table import SOURCE_IMAGE, TARGET_IMAGE, read_cover_table  # noqa: E402
+from scripts.io.anhir import SOURCE_IMAGE, TARGET_IMAGE, read_cover_table  # noqa: E402
 from scripts.prepare.preprocess import require_tissue  # noqa: E402
 from scripts.io.slide_io import read_slide  # noqa: E402
 

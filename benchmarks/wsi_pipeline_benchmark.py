@@ -57,6 +57,11 @@ from PIL import Image
 
 from common import BUNDLE, RESULTS, command_line, machine_info, markdown_table, run_measured, write_outputs
 
+if str(BUNDLE) not in sys.path:
+    sys.path.insert(0, str(BUNDLE))
+
+from scripts.io.anhir import read_landmarks, write_landmarks  # noqa: E402
+
 PAIRS = {  # target (H&E), source, as bundle/sample/pairs.csv pairs them
     "rat-kidney": ("rat-kidney/Rat-Kidney_HE", "rat-kidney/Rat-Kidney_PanCytokeratin"),
     "lung-lesion": ("lung-lesion/Izd2-29-041-w35_HE", "lung-lesion/Izd2-29-041-w35_proSPC"),
@@ -169,19 +174,6 @@ def write_svs(path: Path, slide: SampleResampler) -> None:
         macro = slide.thumbnail(1200)
         writer.write(macro, subfiletype=9, description=f"Aperio Image Library v12.0.15\r\nmacro "
                      f"{macro.shape[1]}x{macro.shape[0]}", metadata=None, rowsperstrip=16, **jpeg)
-
-
-def read_landmarks(path: Path) -> np.ndarray:
-    """(N, 2) [X, Y] of an ANHIR landmark CSV (``,X,Y``)."""
-    with path.open(newline="") as handle:
-        return np.array([[float(row["X"]), float(row["Y"])] for row in csv.DictReader(handle)])
-
-
-def write_landmarks(path: Path, points: np.ndarray) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["", "X", "Y"])
-        writer.writerows([index, x, y] for index, (x, y) in enumerate(points.tolist(), 1))
 
 
 def build_pair(pair: str, size: int, folder: Path) -> dict:

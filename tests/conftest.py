@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scripts.io.slide_io import read_landmarks
+from scripts.io.anhir import read_landmarks
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 SAMPLE = BUNDLE / "sample" / "rat-kidney"

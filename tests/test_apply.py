@@ -11,9 +11,10 @@ import tifffile
 from PIL import Image
 
 from scripts.runner.apply import ApplyRegistration
-from scripts.io.cover_table import PATH_COLUMNS, select_pairs
+from scripts.io.anhir import PATH_COLUMNS, read_landmarks
+from scripts.runner import select_pairs
 from scripts.errors import RegistrationInputError
-from scripts.io.slide_io import read_landmarks, read_slide
+from scripts.io.slide_io import read_slide
 from test_bundle_commands import run_bundle  # small_pair, the fixture, is in conftest.py
 
 

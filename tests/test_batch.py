@@ -30,13 +30,13 @@ from PIL import Image
 
 from scripts import SlidePairRegistration
 from scripts.align import AffineInitializer
-from scripts.io import read_cover_table, select_pairs
+from scripts.io import read_cover_table
 from scripts.register import PatchPyramidRegistration, load_weights
-from scripts.runner import BatchRegistration
+from scripts.runner import BatchRegistration, select_pairs
 from scripts.align.affine import affine_to_field
 from scripts.runner.batch import RESULT_COLUMNS, STAGES, ExitCode
 from scripts.runner.output_lock import LOCK_FILE, OutputFolderLock, OutputFolderLocked
-from scripts.io.cover_table import (
+from scripts.io.anhir import (
     MAX_FOLDER_NAME_BYTES,
     PATH_COLUMNS,
     SOURCE_IMAGE,
@@ -44,10 +44,12 @@ from scripts.io.cover_table import (
     TARGET_IMAGE,
     TARGET_LANDMARKS,
     folder_name,
+    read_landmarks,
+    write_landmarks,
 )
 from scripts.errors import RegistrationInputError
 from scripts.prepare.preprocess import PairGeometry
-from scripts.io.slide_io import read_landmarks, read_slide, write_landmarks
+from scripts.io.slide_io import read_slide
 from scripts.outputs.transform import SlideTransform
 
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")

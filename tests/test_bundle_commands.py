@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.io.slide_io import read_landmarks, read_slide
+from scripts.io.anhir import read_landmarks
+from scripts.io.slide_io import read_slide
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 SHIPPED_MODEL = BUNDLE / "models" / "model.pt"

@@ -18,7 +18,7 @@ from PIL import Image
 from scripts import SlidePairRegistration
 from scripts.register import PatchPyramidRegistration, load_weights
 from scripts.runner import BatchRegistration
-from scripts.io.cover_table import select_pairs
+from scripts.runner import select_pairs
 from scripts.errors import RegistrationInputError
 from scripts.io.slide_io import read_slide
 

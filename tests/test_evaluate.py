@@ -20,11 +20,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from scripts.evaluate import ResultsEvaluation
 from scripts.errors import RegistrationInputError
-from scripts.io.slide_io import read_landmarks, write_landmarks
+from scripts.io.anhir import read_landmarks, stage_column, write_landmarks
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 STAGES = ("initial", "affine", "nonrigid")
@@ -447,3 +448,45 @@ def test_an_unreadable_warped_path_does_not_leak_its_content(evaluated, tmp_path
     assert reason.startswith(f"{secret}: no X and Y columns")
     for name in ("metrics.json", "evaluation-pairs.csv"):
         assert "hunter2" not in (tmp_path / "eval" / name).read_text()
+
+
+# --- 5. what the results table names: its stages, and targets of any slide format ---------------------------------
+
+
+def test_every_stage_column_of_the_table_is_scored_in_its_order(evaluated, tmp_path):
+    """Stages are whatever ``Warped source landmarks (<stage>)`` columns the table holds (made by ``stage_column``),
+    not a fixed list: here two after the affine, one of them named with brackets."""
+    cover, results = _pair_a(evaluated, tmp_path)
+    columns, rows = _read_csv(results)
+    folder = evaluated.tables.results.parent
+    stages = {"networks": folder / "A-affine.csv", "refinement (MI)": folder / "A.csv"}
+    columns += [stage_column(stage) for stage in stages]
+    rows[0].update({stage_column(stage): str(path) for stage, path in stages.items()})
+    rows[0][stage_column("affine")] = str(folder / "A-affine.csv")
+    metrics = ResultsEvaluation(cover, _write_csv(results, columns, rows), tmp_path / "eval").run()
+
+    assert list(metrics["overall"]) == ["initial", "affine", "networks", "refinement (MI)", "nonrigid"]
+    _assert_aggregates(metrics["overall"]["networks"], (0.1, 0.1, 0.1, 1.0, 2.0, 1))  # A-affine's scores
+    _assert_aggregates(metrics["overall"]["refinement (MI)"], (0.1, 0.1, 0.3, 2 / 3, 2.0, 1))  # A's
+    assert "rTRE median (refinement (MI))" in _read_csv(tmp_path / "eval" / "evaluation-pairs.csv")[0]
+
+
+def test_a_whole_slide_target_gives_its_full_resolution_diagonal(evaluated, tmp_path):
+    """The target's diagonal is read from the header of any slide format the bundle reads: here an Aperio-named
+    pyramid, whose level 0 (30 x 40 px, diagonal 50) is pair A's target image."""
+    cover, results = _pair_a(evaluated, tmp_path)
+    _, rows = _read_csv(cover)
+    pixels = np.asarray(Image.open(rows[0]["Target image"]))
+    slide = tmp_path / "target.svs"
+    with tifffile.TiffWriter(slide) as tiff:
+        tiff.write(pixels, photometric="rgb", tile=(16, 16), subifds=1)
+        tiff.write(pixels[::2, ::2], photometric="rgb", tile=(16, 16), subfiletype=1)
+    rows[0]["Target image"] = str(slide)
+    _write_csv(cover, COVER_COLUMNS, rows)
+    _, result_rows = _read_csv(results)
+    result_rows[0]["Target image"] = str(slide)
+    metrics = ResultsEvaluation(cover, _write_csv(results, RESULT_COLUMNS, result_rows), tmp_path / "eval").run()
+
+    # pair A's scores on a 50 px diagonal; the cover table's 1000 would make them 20 times smaller
+    _assert_aggregates(metrics["overall"]["nonrigid"], (0.1, 0.1, 0.3, 2 / 3, 2.0, 1))
+

@@ -1,4 +1,4 @@
-"""Slide and landmark I/O on real files: every supported format read back, every bad input named."""
+"""Slide I/O on real files: every supported format read back, every bad input named."""
 
 from __future__ import annotations
 
@@ -19,14 +19,12 @@ from scripts.errors import RegistrationInputError
 from scripts.io.slide_image import ArraySlide
 from scripts.io.slide_io import (
     atomic_path,
-    read_landmarks,
+    quantise,
     read_slide,
-    write_landmarks,
     write_png,
     write_slide,
 )
 
-SAMPLE_LANDMARKS = Path(__file__).resolve().parents[1] / "bundle" / "sample" / "rat-kidney" / "Rat-Kidney_HE.csv"
 
 # A non-square crop of a real IHC tissue image, so that a transposed read changes the shape.
 TISSUE = data.immunohistochemistry()[200:260, 150:240]  # (60, 90, 3) uint8
@@ -233,69 +231,6 @@ def test_read_slide_errors(tmp_path: Path, file_name: str) -> None:
     assert caught.value.path == str(path)
 
 
-def test_read_sample_landmarks() -> None:
-    points = read_landmarks(SAMPLE_LANDMARKS)
-
-    assert points.shape == (71, 2)
-    assert points.dtype == np.float64
-    np.testing.assert_array_equal(points[0], [63.0, 309.0])
-
-
-def test_landmarks_round_trip(tmp_path: Path) -> None:
-    points = np.array([[63.0, 309.0], [0.1234, 1e4 / 3], [-2.5, 7.0005]])
-    path = tmp_path / "out" / "landmarks.csv"
-
-    write_landmarks(path, points)
-
-    assert path.read_text().splitlines()[:2] == [",X,Y", "0,63.000,309.000"]
-    np.testing.assert_allclose(read_landmarks(path), points, rtol=0, atol=5e-4)
-    assert [p.name for p in path.parent.iterdir()] == ["landmarks.csv"]
-
-
-def test_read_landmarks_without_index_column(tmp_path: Path) -> None:
-    path = tmp_path / "xy.csv"
-    # X,Y header, a spreadsheet's byte-order mark, and a trailing blank line
-    path.write_text("\ufeffX,Y\n1.5,2\n3,4.25\n\n", encoding="utf-8")
-
-    np.testing.assert_array_equal(read_landmarks(path), [[1.5, 2.0], [3.0, 4.25]])
-
-
-READ_LANDMARK_ERRORS = {
-    "missing.csv": (None, "file not found"),
-    "no-columns.csv": (",A,B\n0,1,2\n", "no X and Y columns"),
-    "empty.csv": ("", "no X and Y columns"),
-    "word.csv": (",X,Y\n0,1,2\n1,abc,3\n", "line 3: X value 'abc' is not a number"),
-    "nan.csv": (",X,Y\n0,nan,2\n", "line 2: X value 'nan' is not finite"),
-    "inf.csv": (",X,Y\n0,1,2\n1,3,4\n2,5,-inf\n", "line 4: Y value '-inf' is not finite"),
-    "short.csv": (",X,Y\n0,1\n", "line 2: missing Y value"),
-    "header-only.csv": (",X,Y\n", "no landmark points"),
-    "binary.csv": (b"\x89PNG\r\n\x1a\n\xff\xfe", "cannot be read as a CSV text file"),
-}
-
-
-@pytest.mark.parametrize("file_name", READ_LANDMARK_ERRORS)
-def test_read_landmarks_errors(tmp_path: Path, file_name: str) -> None:
-    content, problem = READ_LANDMARK_ERRORS[file_name]
-    path = tmp_path / file_name
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif content is not None:
-        path.write_text(content)
-
-    with pytest.raises(RegistrationInputError) as caught:
-        read_landmarks(path)
-
-    assert file_name in str(caught.value)
-    assert problem in str(caught.value)
-
-
-@pytest.mark.parametrize("points", [np.zeros((3, 3)), np.zeros((0, 2)), np.array([[1.0, np.nan]])])
-def test_write_landmarks_rejects_bad_points(tmp_path: Path, points: np.ndarray) -> None:
-    with pytest.raises(ValueError):
-        write_landmarks(tmp_path / "bad.csv", points)
-    assert not list(tmp_path.iterdir())
-
-
 @pytest.mark.parametrize(
     "pixels, bit_depth, suffix",
     [(TISSUE / 255.0, 8, ".png"), (GREY[..., None] / 255.0, 8, ".png"), (TISSUE_16 / 65535.0, 16, ".tif")],
@@ -381,3 +316,13 @@ def test_atomic_path_keeps_old_file_on_error(tmp_path: Path) -> None:
 
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["result.csv"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_quantise_rounds_to_nearest_after_clipping(dtype: type) -> None:
+    """The one float -> integer conversion (slides, pyramids and panels): exact halves round to even."""
+    samples = np.array([-0.2, 0.0, 0.5 / 255, 1.5 / 255, 0.4 / 255, 0.6 / 255, 0.5, 1.0, 1.7], dtype=dtype)
+
+    np.testing.assert_array_equal(quantise(samples, 8), np.array([0, 0, 0, 2, 0, 1, 128, 255, 255], np.uint8))
+    assert quantise(samples, 16).dtype == np.uint16 and quantise(samples, 16)[-2:].tolist() == [65535, 65535]
+

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from scripts.errors import RegistrationInputError
-from scripts.io.slide_io import MAX_TEXT_FILE_BYTES, read_landmarks, read_slide, read_text_file, write_landmarks
+from scripts.io.anhir import read_landmarks, write_landmarks
+from scripts.io.slide_io import MAX_TEXT_FILE_BYTES, read_slide, read_text_file
 
 WAIT_S = 10  # far more than any refusal takes; a hang (a FIFO opened for reading) never ends by itself
 

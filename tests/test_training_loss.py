@@ -1,15 +1,23 @@
-"""The training loss's bending energy: MONAI's value and gradient, without MONAI 1.6.1's deprecated list indexing."""
+"""The training loss's bending energy: MONAI's value and gradient, without MONAI 1.6.1's deprecated list indexing;
+and the landmark validation, which must leave the trained networks as they are."""
 
 from __future__ import annotations
 
 import warnings
 
+from pathlib import Path
+
 import pytest
 import torch
+from monai.engines import SupervisedEvaluator
 from monai.losses import BendingEnergyLoss, LocalNormalizedCrossCorrelationLoss
+from monai.networks.nets import UNet
 
-from scripts.register.nonrigid import LevelOutput
-from scripts.train.training import BendingEnergy2d, PyramidLoss
+from scripts.align import AffineInitializer
+from scripts.register.nonrigid import LevelOutput, PatchPyramidRegistration
+from scripts.train.training import BendingEnergy2d, LandmarkValidationStep, PyramidLoss, validation_rows
+
+SAMPLE = Path(__file__).resolve().parents[1] / "bundle" / "sample"
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 3, 3), (1, 2, 17, 40), (3, 2, 64, 31)])
@@ -44,3 +52,35 @@ def test_pyramid_loss_warns_nothing():
         terms = loss([level])
         terms["loss"].backward()
     assert torch.isfinite(terms["smoothness"]) and terms["smoothness"] > 0
+
+
+def _conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.ndim == 4]
+
+
+def test_validation_leaves_the_training_networks_as_they_are():
+    """A validation pass registers with the networks' current weights but neither moves the trained networks to
+    channels-last nor switches them to eval(); the pipeline is built once for all passes."""
+    torch.manual_seed(0)
+    args = dict(spatial_dims=2, in_channels=2, out_channels=2, channels=(8, 16), strides=(2,), num_res_units=0)
+    nonrigid = PatchPyramidRegistration([UNet(**args) for _ in range(2)], patch_size=32, stride=16, group_size=8,
+                                        iterations=1).train()
+    step = LandmarkValidationStep(AffineInitializer(angle_step=30, pyramid=(64,), iterations=(5,)), working_size=128)
+    pairs = validation_rows(str(SAMPLE / "pairs.csv"))[:1]
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=pairs, network=nonrigid,
+                                    iteration_update=step, decollate=False)
+
+    evaluator.run()
+    registration = step.registration
+    first = evaluator.state.output["rtre_median"]
+    with torch.no_grad():  # what an optimiser step does to the trained networks between two passes
+        for weight in _conv_weights(nonrigid):
+            weight.mul_(3.0)
+    evaluator.run()
+
+    assert nonrigid.training and all(module.training for module in nonrigid.modules())
+    assert all(w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)
+               for w in _conv_weights(nonrigid))
+    assert step.registration is registration  # built once
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(step.networks.parameters(), nonrigid.parameters()))
+    assert evaluator.state.output["rtre_median"] != first  # the second pass registered with the new weights

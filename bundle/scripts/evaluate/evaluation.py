@@ -13,41 +13,39 @@ import json
 import logging
 import math
 import os
-import re
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
-from PIL import Image
 
-from ..io.cover_table import (
+from ..errors import RegistrationInputError
+from ..io.anhir import (
     EXECUTION_TIME,
     PATH_COLUMNS,
-    STATUS,
-    WARPED_SOURCE_LANDMARKS,
-    WARPED_TARGET_LANDMARKS,
     SOURCE_LANDMARKS,
+    STATUS,
     TARGET_IMAGE,
     TARGET_LANDMARKS,
+    WARPED_SOURCE_LANDMARKS,
+    WARPED_TARGET_LANDMARKS,
     PairRow,
+    column_stage,
     read_cover_table,
     read_csv_table,
+    read_landmarks,
+    stage_column,
 )
-from ..errors import RegistrationInputError
+from ..io.slide_io import atomic_path
+from ..io.slide_reader import read_slide_shape
 from .evaluation_plots import save_evaluation_plots
 from .metrics import PairScores, finite_for_json, image_diagonal, pair_landmarks, score_pair, summarise
-from ..io.slide_io import atomic_path, read_landmarks
 
 logger = logging.getLogger(__name__)
 
 TISSUE = "Tissue"
 IMAGE_DIAGONAL = "Image diagonal [pixels]"
 INITIAL = "initial"
-# `Warped source landmarks (affine)`: the landmarks as an intermediate stage left them.
-_STAGE_COLUMN = re.compile(rf"^{re.escape(WARPED_SOURCE_LANDMARKS)} \((.+)\)$")
-_TIFF_SUFFIXES = (".tif", ".tiff")
 # ANHIR landmark files hold 3 decimals (write_landmarks' format): warped landmarks within this of every ground-truth
 # landmark are a copy of the ground truth, not a registration's result
 _COPY_TOLERANCE = 5e-4
@@ -185,7 +183,7 @@ class ResultsEvaluation:
 
     def _intermediate_stages(self, columns: list[str]) -> list[str]:
         """Stage labels of the ``Warped source landmarks (<stage>)`` columns, in the table's order."""
-        stages = [match.group(1) for column in columns if (match := _STAGE_COLUMN.match(column))]
+        stages = [stage for column in columns if (stage := column_stage(column)) is not None]
         clashes = [stage for stage in stages if stage in (INITIAL, self.final_stage)]
         if clashes:
             raise RegistrationInputError(
@@ -230,9 +228,8 @@ class ResultsEvaluation:
 
         scores, notes = {INITIAL: identity}, []
         for stage in intermediate:
-            column = f"{WARPED_SOURCE_LANDMARKS} ({stage})"
             stage_points, problem = self._warped(
-                row, column, len(source), target_paired, source_paired, target_path, "target"
+                row, stage_column(stage), len(source), target_paired, source_paired, target_path, "target"
             )
             if stage_points is None:
                 scores[stage] = identity
@@ -362,7 +359,7 @@ def _target_diagonal(pair: PairRow) -> float:
     """
     path = pair.image_path(TARGET_IMAGE)
     try:
-        return image_diagonal(_image_shape(path))
+        return image_diagonal(read_slide_shape(path))
     except (RegistrationInputError, ValueError) as error:
         try:
             diagonal = float(pair.row.get(IMAGE_DIAGONAL) or "nan")
@@ -372,22 +369,6 @@ def _target_diagonal(pair: PairRow) -> float:
             raise RegistrationInputError(path, f"the target image's diagonal is needed: {error}") from error
         logger.warning(f"{pair.name}: {error}; using the cover table's {IMAGE_DIAGONAL} = {diagonal}")
         return diagonal
-
-
-def _image_shape(path: Path) -> tuple[int, int]:
-    """``(H, W)`` in pixels of an image, read from its header: the full-resolution level of a TIFF pyramid."""
-    if not path.is_file():
-        raise RegistrationInputError(path, "file not found")
-    try:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
-            with tifffile.TiffFile(path) as tiff:
-                page = tiff.series[0].levels[0].keyframe
-                return page.imagelength, page.imagewidth
-        with Image.open(path) as image:
-            return image.height, image.width
-    except Exception as error:  # decoders fail with many unrelated types; for the user each means the same thing
-        problem = str(error) or type(error).__name__
-        raise RegistrationInputError(path, f"cannot read the image size: {problem}") from error
 
 
 def _aggregates(evaluations: list[PairEvaluation], stages: tuple[str, ...]) -> dict[str, dict]:

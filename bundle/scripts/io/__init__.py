@@ -1,5 +1,6 @@
-"""Read: slides (JPG/PNG/TIFF pyramids, OME-TIFF, SVS, NDPI), landmark CSVs and the ANHIR cover table; slide writers."""
+"""Read: slides (JPG/PNG/TIFF pyramids, OME-TIFF, SVS, NDPI) and the ANHIR/BIRL formats (cover table, results columns,
+landmark CSVs); slide writers."""
 
-from .cover_table import read_cover_table, select_pairs
+from .anhir import read_cover_table, read_landmarks, write_landmarks
 
-__all__ = ["read_cover_table", "select_pairs"]
+__all__ = ["read_cover_table", "read_landmarks", "write_landmarks"]

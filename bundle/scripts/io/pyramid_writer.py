@@ -20,7 +20,7 @@ from typing import BinaryIO
 import numpy as np
 import tifffile
 
-from .slide_io import _quantise, atomic_path
+from .slide_io import atomic_path, quantise
 
 __all__ = ["pyramid_shapes", "write_pyramid"]
 
@@ -87,7 +87,7 @@ def write_pyramid(
         spool = _TileSpool(spool_file)
         with tifffile.TiffWriter(temporary, bigtiff=True, ome=True) as tiff:
             given = iter(tiles)
-            level_tiles = (_quantise(np.asarray(tile), bit_depth) for tile in given)
+            level_tiles = (quantise(np.asarray(tile), bit_depth) for tile in given)
             for level, level_shape in enumerate(shapes):
                 grid = _TileGrid(level_shape, tile_size)
                 stream = grid.checked(level_tiles, channels)

@@ -1,21 +1,18 @@
-"""Reading and writing histology slides and their ANHIR landmark files.
+"""Reading and writing histology slides, and the checks every reader of a user's file shares.
 
 Images decoded whole (JPG, PNG, small flat TIFF) are held as :class:`ArraySlide`, (H, W, C) float32 in [0, 1] with
-C = 1 (greyscale) or 3 (RGB); whole-slide files are opened lazily by :mod:`.slide_reader`. Landmarks are (N, 2)
-float64 arrays of [X, Y] = [column, row] pixel coordinates with the origin at the top-left pixel, as in the
-ANHIR / BIRL CSV files. Every problem with a user-supplied file raises :class:`RegistrationInputError`.
+C = 1 (greyscale) or 3 (RGB); whole-slide files are opened lazily by :mod:`.slide_reader`. Text files (landmarks,
+:mod:`.anhir`) are read through :func:`read_text_file`, outputs written through :func:`atomic_path`. Every problem
+with a user-supplied file raises :class:`RegistrationInputError`.
 """
 
 from __future__ import annotations
 
-import csv
 import errno
 import io
-import math
 import os
 import secrets
 import stat
-from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,11 +32,10 @@ __all__ = [
     "MAX_TEXT_FILE_BYTES",
     "MAX_DECODED_PIXELS",
     "check_decodable",
+    "quantise",
     "atomic_path",
-    "read_landmarks",
     "read_slide",
     "read_text_file",
-    "write_landmarks",
     "write_png",
     "write_slide",
 ]
@@ -53,8 +49,8 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 # What write_slide produces for each bit depth: PNG holds 8-bit RGB losslessly; 16-bit RGB needs TIFF.
 _WRITE_SUFFIXES = {8: (".png",), 16: (".tif", ".tiff")}
 # libpng through imagecodecs with zlib level 1, run-length matching and the "sub" row filter (OpenCV's fast settings)
-# instead of Pillow's adaptive filters at level 3: a third of the time per PNG (23 ms vs 70 ms for a 1024 x 692
-# overlay, 29 ms vs 90 ms for a 1164 x 787 warped slide) for files about 10 % larger
+# instead of Pillow's adaptive filters at level 3: much faster per PNG for files slightly larger (docs/design.md,
+# "Measurements moved from code comments (formats)")
 PNG_SETTINGS = {
     "level": imagecodecs.PNG.COMPRESSION.SPEED,
     "strategy": imagecodecs.PNG.STRATEGY.RLE,
@@ -69,8 +65,8 @@ _PIL_BIT_DEPTHS = {"L": 8, "LA": 8, "RGB": 8, "RGBA": 8, "I;16": 16, "I;16L": 16
 _TIFF_PHOTOMETRICS = (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Largest image decoded whole: held as float32 it takes 12 bytes per RGB pixel, and the registration and the flat
-# warped output hold a few copies (an 8,000 x 6,600 pair peaked at 6.1 GB). Larger images must be tiled TIFFs, which
-# are read region by region (slide_reader.py).
+# warped output hold a few copies (docs/design.md, "Measurements moved from code comments (formats)"). Larger images
+# must be tiled TIFFs, which are read region by region (slide_reader.py).
 MAX_DECODED_PIXELS = 8192 * 8192
 
 
@@ -131,7 +127,7 @@ def read_slide(path: PathLike) -> ArraySlide:
     if samples.size == 0:
         raise RegistrationInputError(path, "image is empty (no pixels)")
     pixels = _composite_over_white(_channels_last(samples, path))
-    # every pixel equal to the first: a tenth of the time of per-channel minima and maxima over the (H, W) axes
+    # every pixel equal to the first: one pass, cheaper than per-channel minima and maxima over the (H, W) axes
     if not (pixels != pixels[0, 0]).any():
         raise RegistrationInputError(path, "image is blank (all pixels equal)")
     return ArraySlide(pixels, bit_depth, str(path))
@@ -156,7 +152,7 @@ def write_slide(path: PathLike, pixels: np.ndarray, bit_depth: int) -> None:
         raise ValueError(f"pixels must be (H, W, 1 or 3), got {pixels.shape}.")
     if np.isnan(pixels).any():
         raise ValueError("pixels contain NaN.")
-    samples = _quantise(pixels, bit_depth)
+    samples = quantise(pixels, bit_depth)
     if bit_depth == 8:
         write_png(path, samples[..., 0] if samples.shape[-1] == 1 else samples)
         return
@@ -179,59 +175,12 @@ def write_png(path: PathLike, pixels: np.ndarray) -> None:
         temporary.write_bytes(encoded)
 
 
-def read_landmarks(path: PathLike) -> np.ndarray:
-    """Read an ANHIR / BIRL landmark CSV: header ``,X,Y`` (an index column first) or ``X,Y``.
-
-    Args:
-        path: the CSV file.
-    Returns:
-        (N, 2) float64, N >= 1, columns [X, Y] = [column, row] in pixels, origin at the top-left pixel.
-    Raises:
-        RegistrationInputError: the file is missing, not a regular file, larger than ``MAX_TEXT_FILE_BYTES``, not
-            UTF-8 text, has no X and Y columns, a missing, non-numeric or non-finite coordinate (naming its line), or
-            no points.
-    """
-    lines = read_text_file(path, "landmark file")
-    rows = csv.reader(lines)
-    try:
-        header = [name.strip() for name in next(rows, [])]
-        if "X" not in header or "Y" not in header:
-            # the count, not the names: a wrong file's first line (a password, a log entry) must not reach a report
-            raise RegistrationInputError(
-                path, f"no X and Y columns in the header (expected ',X,Y'; its first line has {len(header)} field(s))"
-            )
-        x_column, y_column = header.index("X"), header.index("Y")
-        points = array("d")  # 16 bytes a point, whatever the file's text takes
-        for row in rows:
-            if not "".join(row).strip():  # blank lines, e.g. at the end of the file
-                continue
-            line = rows.line_num
-            points.extend((_coordinate(path, row, x_column, "X", line), _coordinate(path, row, y_column, "Y", line)))
-    except (csv.Error, UnicodeDecodeError) as err:
-        raise RegistrationInputError(path, f"cannot be read as a CSV text file: {err}") from err
-    if not points:
-        raise RegistrationInputError(path, "no landmark points (only a header)")
-    return np.frombuffer(points, dtype=np.float64).reshape(-1, 2).copy()
-
-
-def write_landmarks(path: PathLike, points: np.ndarray) -> None:
-    """Write landmarks atomically in the ANHIR / BIRL format: header ``,X,Y``, index 0..N-1, 3 decimals.
-
-    Args:
-        path: the output CSV file.
-        points: (N, 2), N >= 1, [X, Y] = [column, row] in pixels; all finite, so that the file reads back.
-    Raises:
-        ValueError: a wrong shape, no points or a non-finite coordinate.
-    """
-    points = np.asarray(points, dtype=np.float64)
-    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
-        raise ValueError(f"points must be (N, 2) with N >= 1, got {points.shape}.")
-    if not np.isfinite(points).all():
-        raise ValueError("points contain NaN or infinite coordinates.")
-    with atomic_path(path) as temporary, temporary.open("w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["", "X", "Y"])
-        writer.writerows((index, f"{x:.3f}", f"{y:.3f}") for index, (x, y) in enumerate(points))
+def quantise(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
+    """Float samples in [0, 1] -> uint8 or uint16 of the same shape, rounded to nearest (half to even) after clipping
+    to [0, 1]: the one float -> integer conversion of every image the bundle writes (slides, pyramids, panels)."""
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    scaled = np.clip(pixels, 0, 1) * np.iinfo(dtype).max
+    return np.rint(scaled, out=scaled).astype(dtype)
 
 
 def read_text_file(path: PathLike, what: str, limit: int = MAX_TEXT_FILE_BYTES) -> io.TextIOWrapper:
@@ -415,25 +364,3 @@ def _composite_over_white(pixels: np.ndarray) -> np.ndarray:
     colour, alpha = pixels[..., :-1], pixels[..., -1:]
     # colour * alpha + 1 * (1 - alpha), written so that rounding cannot leave [0, 1]
     return 1 - alpha * (1 - colour)
-
-
-def _quantise(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
-    """(H, W, C) float in [0, 1] -> (H, W, C) uint8 or uint16, rounded to nearest after clipping to [0, 1]."""
-    dtype = np.uint8 if bit_depth == 8 else np.uint16
-    scaled = np.clip(pixels, 0, 1) * np.iinfo(dtype).max
-    return np.rint(scaled, out=scaled).astype(dtype)
-
-
-def _coordinate(path: PathLike, row: list[str], column: int, name: str, line: int) -> float:
-    """The finite number in ``row[column]``, the ``name`` coordinate on ``line`` (1-based) of ``path``."""
-    cell = row[column].strip() if column < len(row) else ""
-    if not cell:
-        raise RegistrationInputError(path, f"line {line}: missing {name} value")
-    try:
-        value = float(cell)
-    except ValueError:
-        shown = repr(cell) if len(cell) <= 20 else f"{cell[:20]!r}..."  # a short excerpt of what the file holds
-        raise RegistrationInputError(path, f"line {line}: {name} value {shown} is not a number") from None
-    if not math.isfinite(value):
-        raise RegistrationInputError(path, f"line {line}: {name} value {cell!r} is not finite")
-    return value

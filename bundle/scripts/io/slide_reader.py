@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from PIL import Image
 from monai.config import PathLike
 
 from ..errors import RegistrationInputError
@@ -42,7 +43,7 @@ from .slide_io import (
     read_slide,
 )
 
-__all__ = ["SLIDE_SUFFIXES", "TiffSlide", "Downsampled", "open_slide", "read_downsampled"]
+__all__ = ["SLIDE_SUFFIXES", "TiffSlide", "Downsampled", "open_slide", "read_downsampled", "read_slide_shape"]
 
 # Leica .scn keeps several images (overview, the scanned regions) in separate series and is not read;
 # .btf is BigTIFF under another name.
@@ -88,6 +89,25 @@ def open_slide(path: PathLike) -> SlideImage:
         in_memory = read_slide(path)
         return ArraySlide(in_memory.pixels, in_memory.bit_depth, in_memory.path, slide.mpp)
     return slide
+
+
+def read_slide_shape(path: PathLike) -> tuple[int, int]:
+    """``(H, W)`` in pixels of a slide's full resolution, read from its file's header: no pixel is decoded.
+
+    TIFF-family files (``SLIDE_SUFFIXES``) give the first series' level 0, as :func:`open_slide` reads them; any other
+    image goes to Pillow, which reads JPG and PNG headers (and refuses images past its decompression-bomb limit).
+
+    Raises:
+        RegistrationInputError: the file is missing or not a regular file, or its header cannot be read.
+    """
+    file = _existing_file(path)
+    with _decoding(path):
+        if file.suffix.lower() in SLIDE_SUFFIXES:
+            with tifffile.TiffFile(file) as tiff:
+                page = tiff.series[0].levels[0].keyframe
+                return page.imagelength, page.imagewidth
+        with Image.open(file) as image:
+            return image.height, image.width
 
 
 class TiffSlide(SlideImage):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io.slide_io import write_png
+from ..io.slide_io import quantise, write_png
 
 ImageLike = np.ndarray | torch.Tensor
 
@@ -49,7 +49,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
         return image
     if not np.issubdtype(image.dtype, np.floating):
         raise TypeError(f"expected a uint8 or float [0, 1] image, got dtype {image.dtype}")
-    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return quantise(image, 8)
 
 
 def checkerboard(fixed: ImageLike, moving: ImageLike, tiles: int = 8) -> np.ndarray:

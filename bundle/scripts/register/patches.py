@@ -5,6 +5,25 @@ central S x S part and tapers to near zero at the border. Patch origins start (P
 past its far side, so that the patch centres tile the whole image: any image size works and edges are covered by
 patch centres, not borders. The image is never padded: patches are cut with zeros where they leave it, and blended
 sums land on an image-sized accumulator, so memory beyond the image is a group of patches.
+
+Why not MONAI's ``sliding_window_inference`` (monai/inferers/utils.py; ``roi_weight_map`` could take
+:func:`blend_window`, ``sw_batch_size`` the group size, ``with_coord`` the patch positions), which
+``PatchPyramidRegistration.step`` would call once per iteration:
+
+- Tiling: its windows start at the image's first pixel and the last one is moved back to end at the far edge
+  (``dense_patch_slices``), so the image's borders are covered by patch borders, where the network's output is
+  unreliable, and the last stride is irregular. The pathology inferer's ``extra_input_padding``
+  (monai/apps/pathology/inferers/inferer.py) pads the input, but only a margin plus a size-dependent remainder on
+  the far side would put its windows on this grid's origins.
+- Inputs: it cuts patches from a tensor it is given. Here the moving patch of every iteration is read from the
+  original moving image through the total field (one interpolation, whatever the number of iterations); with MONAI
+  that would be a whole warped image per iteration, stacked with the fixed image and padded: copies of the images
+  that this grid never makes.
+- Output: it accumulates into an output and a count map of the padded image's size, then divides and crops. Here the
+  window sum is separable, two 1-D sums (:meth:`PatchGrid.weight_sum`), and the blended increment is composed band
+  by band into the accumulator that becomes the new total field, so an iteration holds two image-sized fields and
+  a group of patches. The count map's patch-by-patch sum would also round differently from the outer product of
+  1-D sums, so the fields, and the landmarks written from them, would not stay the same.
 """
 
 from __future__ import annotations

@@ -2,5 +2,6 @@
 
 from .apply import ApplyRegistration
 from .batch import BatchRegistration
+from .pairs import select_pairs
 
-__all__ = ["ApplyRegistration", "BatchRegistration"]
+__all__ = ["ApplyRegistration", "BatchRegistration", "select_pairs"]

@@ -15,7 +15,8 @@ from pathlib import Path
 from ..outputs.annotations import map_geojson
 from ..errors import RegistrationInputError
 from ..io.slide_image import SlideImage
-from ..io.slide_io import atomic_path, read_landmarks, write_landmarks
+from ..io.anhir import read_landmarks, write_landmarks
+from ..io.slide_io import atomic_path
 from ..io.slide_reader import open_slide
 from ..outputs.transform import SlideTransform
 

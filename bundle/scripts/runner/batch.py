@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from ..outputs.annotations import map_geojson
-from ..io.cover_table import (
+from ..io.anhir import (
     EXECUTION_TIME, SOURCE_ANNOTATIONS, SOURCE_IMAGE, SOURCE_LANDMARKS, STATUS, TARGET_ANNOTATIONS, TARGET_IMAGE,
-    TARGET_LANDMARKS, WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS, PairRow, read_csv_table,
+    TARGET_LANDMARKS, WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS, PairRow, read_csv_table, read_landmarks,
+    write_landmarks,
 )
 from ..errors import RegistrationInputError
 from ..evaluate.metrics import PairScores, image_diagonal, score_pair, summarise
@@ -36,7 +37,7 @@ from ..align.affine import affine_to_field
 from .output_lock import OutputFolderLock, OutputFolderLocked
 from ..registration import SlidePairRegistration
 from .sharding import Shard
-from ..io.slide_io import atomic_path, read_landmarks, write_landmarks, write_slide
+from ..io.slide_io import atomic_path, write_slide
 from ..io.slide_reader import open_slide
 from ..outputs.transform import SlideTransform
 from ..usage import USAGE_EXIT_STATUS

@@ -8,6 +8,7 @@ as a tensor index, i.e. a wrong result or an error. Return to MONAI's class once
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -16,13 +17,15 @@ from monai.networks.blocks import Warp
 from skimage.data import immunohistochemistry
 from torch.utils.tensorboard import SummaryWriter
 
-from ..io.cover_table import SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow, read_cover_table
+from ..io.anhir import (
+    SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow, read_cover_table, read_landmarks,
+)
 from ..evaluate.metrics import image_diagonal, score_pair
 from ..register.nonrigid import LevelOutput, PatchPyramidRegistration
 from ..prepare.preprocess import PairGeometry, tissue_image, to_working_grid
 from ..align.affine import affine_to_field
 from ..registration import SlidePairRegistration
-from ..io.slide_io import read_landmarks, read_slide
+from ..io.slide_io import read_slide
 
 # Synthetic pairs see the same section through one colour channel: a cheap stand-in for a second stain.
 SYNTHETIC_STAIN_CHANNEL = 0
@@ -137,11 +140,9 @@ class PyramidTrainingStep:
     """Ignite iteration of `SupervisedTrainer`: one pair (batch size 1) through all levels, one optimiser step.
 
     The trainer's network is a `PyramidLevels` (or the ``DistributedDataParallel`` wrapping it), called as a module so
-    that a distributed run averages the gradients across processes before the step.
+    that a distributed run averages the gradients across processes before the step; the loss is the trainer's
+    ``loss_function``, a `PyramidLoss`.
     """
-
-    def __init__(self, loss: PyramidLoss) -> None:
-        self.loss = loss
 
     def __call__(self, engine: Engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         model: PyramidLevels | torch.nn.parallel.DistributedDataParallel = engine.network
@@ -149,10 +150,11 @@ class PyramidTrainingStep:
         fixed = batch["fixed"].to(engine.state.device)
         if moving.shape[0] != 1:
             raise ValueError("the patch pyramid trains on one pair per iteration: set batch_size to 1")
+        loss: PyramidLoss = engine.loss_function
         model.train()
         engine.optimizer.zero_grad(set_to_none=True)
         levels = model(moving, fixed)
-        terms = self.loss(levels)
+        terms = loss(levels)
         terms["loss"].backward()
         engine.optimizer.step()
         finest = levels[-1]
@@ -160,23 +162,40 @@ class PyramidTrainingStep:
             **{name: value.detach() for name, value in terms.items()},
             "fixed": fixed,
             "moving": moving,
-            "warped": self.loss.warp(finest.moving, finest.field).detach(),
+            "warped": loss.warp(finest.moving, finest.field).detach(),
             "field": finest.field.detach(),
         }
 
 
 class LandmarkValidationStep:
     """Ignite iteration of `SupervisedEvaluator`: register one held-out cover-table row with the current networks
-    through the full inference pipeline and score its landmarks (median rTRE). Landmarks never reach the loss."""
+    through the full inference pipeline and score its landmarks (median rTRE). Landmarks never reach the loss.
+
+    The pipeline is built once, on a copy of the evaluator's networks that takes their current weights at every pair:
+    `SlidePairRegistration` moves its networks to its device, in channels-last layout on a CPU, and into ``eval()``,
+    which must not happen to the networks being trained.
+
+    Args:
+        initializer: affine initial alignment, as for `SlidePairRegistration`.
+        working_size: longer side of the working grid in pixels, as for `SlidePairRegistration`.
+    """
 
     def __init__(self, initializer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], working_size: int) -> None:
         self.initializer = initializer
         self.working_size = working_size
+        self.networks: PatchPyramidRegistration | None = None  # the pipeline's copy of the evaluator's networks
+        self.registration: SlidePairRegistration | None = None
 
     def __call__(self, engine: Engine, pair: PairRow) -> dict[str, float]:
-        registration = SlidePairRegistration(engine.network, self.initializer, self.working_size, engine.state.device)
+        if self.registration is None:
+            self.networks = copy.deepcopy(engine.network)
+            self.registration = SlidePairRegistration(
+                self.networks, self.initializer, self.working_size, engine.state.device
+            )
+        # copied into the copy's own tensors, which keep the device and layout the pipeline gave them
+        self.networks.load_state_dict(engine.network.state_dict())
         target, source = read_slide(pair.path(TARGET_IMAGE)), read_slide(pair.path(SOURCE_IMAGE))
-        result = registration(source, target)
+        result = self.registration(source, target)
         source_landmarks = read_landmarks(pair.path(SOURCE_LANDMARKS))
         scores = score_pair(
             result.transform.source_to_target(source_landmarks),

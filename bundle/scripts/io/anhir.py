@@ -1,14 +1,54 @@
-"""ANHIR/BIRL cover tables: which pairs to register, with paths relative to the table's folder."""
+"""The ANHIR / BIRL formats: the cover table, the results table's columns and the landmark CSV files.
+
+- Cover table: a CSV naming the pairs to register (``Target image, Source image, Target landmarks, Source
+  landmarks``, paths relative to the table's folder), read into :class:`PairRow` s.
+- Results table: the cover table plus result columns; ``Warped source landmarks`` are the source's landmarks in the
+  target's frame, ``Warped target landmarks`` the target's in the source's, ``Warped source landmarks (<stage>)``
+  the source's landmarks as an intermediate stage left them (:func:`stage_column`, :func:`column_stage`).
+- Landmark CSV: header ``,X,Y`` (an index column first) or ``X,Y``; (N, 2) float64 [X, Y] = [column, row] pixel
+  coordinates with the origin at the top-left pixel.
+
+Inference, evaluation and the benchmarks take these names from here; checking a command line's options is the
+runner's (:func:`scripts.runner.pairs.select_pairs`).
+"""
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import math
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from monai.config import PathLike
+
 from ..errors import RegistrationInputError
-from ..usage import UsageError
+from .slide_io import atomic_path, read_text_file
+
+__all__ = [
+    "EXECUTION_TIME",
+    "PATH_COLUMNS",
+    "SOURCE_ANNOTATIONS",
+    "SOURCE_IMAGE",
+    "SOURCE_LANDMARKS",
+    "STATUS",
+    "TARGET_ANNOTATIONS",
+    "TARGET_IMAGE",
+    "TARGET_LANDMARKS",
+    "WARPED_SOURCE_LANDMARKS",
+    "WARPED_TARGET_LANDMARKS",
+    "PairRow",
+    "column_stage",
+    "folder_name",
+    "read_cover_table",
+    "read_csv_table",
+    "read_landmarks",
+    "single_pair_table",
+    "stage_column",
+    "write_landmarks",
+]
 
 TARGET_IMAGE = "Target image"
 SOURCE_IMAGE = "Source image"
@@ -23,9 +63,22 @@ TARGET_ANNOTATIONS = "Target annotations"
 SOURCE_ANNOTATIONS = "Source annotations"
 # result columns of the ANHIR/BIRL results table that `run evaluate` reads
 WARPED_SOURCE_LANDMARKS = "Warped source landmarks"  # the source's landmarks in the target's frame
-WARPED_TARGET_LANDMARKS = "Warped target landmarks"
+WARPED_TARGET_LANDMARKS = "Warped target landmarks"  # the target's landmarks in the source's frame
 EXECUTION_TIME = "Execution time [minutes]"
 STATUS = "Status"
+_STAGE_OPEN, _STAGE_CLOSE = f"{WARPED_SOURCE_LANDMARKS} (", ")"
+
+
+def stage_column(stage: str) -> str:
+    """The results column of the source's landmarks as ``stage`` left them: ``Warped source landmarks (<stage>)``."""
+    return f"{_STAGE_OPEN}{stage}{_STAGE_CLOSE}"
+
+
+def column_stage(column: str) -> str | None:
+    """The stage a :func:`stage_column` names (``Warped source landmarks (affine)`` -> ``affine``); None for any other
+    column, the final ``Warped source landmarks`` included."""
+    inside = column[len(_STAGE_OPEN) : -len(_STAGE_CLOSE)]
+    return inside if column.startswith(_STAGE_OPEN) and column.endswith(_STAGE_CLOSE) and inside else None
 
 
 @dataclass(frozen=True)
@@ -147,29 +200,71 @@ def single_pair_table(
     return list(row), [PairRow(0, row, Path.cwd())]
 
 
-def select_pairs(
-    pairs_csv: str | None,
-    source: str | None,
-    target: str | None,
-    source_landmarks: str | None,
-    target_landmarks: str | None,
-    sample_pairs_csv: str,
-    source_annotations: str | None = None,
-    target_annotations: str | None = None,
-) -> tuple[list[str], list[PairRow]]:
-    """The pairs a run registers: ``--source/--target`` if given, else ``--pairs_csv``, else the embedded sample."""
-    if source or target:
-        if not (source and target):
-            missing = "--target" if source else "--source"
-            raise UsageError(missing, "missing: --source and --target go together, give both images of the pair")
-        if pairs_csv:
-            raise UsageError("--pairs_csv", "give either --pairs_csv or --source/--target, not both")
-        annotations = (source_annotations, target_annotations)
-        return single_pair_table(source, target, source_landmarks, target_landmarks, *annotations)
-    if source_landmarks or target_landmarks:
-        given = "--source_landmarks" if source_landmarks else "--target_landmarks"
-        raise UsageError(given, "landmark options need --source/--target; a cover table names its own landmarks")
-    if source_annotations or target_annotations:
-        given = "--source_annotations" if source_annotations else "--target_annotations"
-        raise UsageError(given, "annotation options need --source/--target; a cover table names its own annotations")
-    return read_cover_table(pairs_csv or sample_pairs_csv)
+def read_landmarks(path: PathLike) -> np.ndarray:
+    """Read an ANHIR / BIRL landmark CSV: header ``,X,Y`` (an index column first) or ``X,Y``.
+
+    Args:
+        path: the CSV file.
+    Returns:
+        (N, 2) float64, N >= 1, columns [X, Y] = [column, row] in pixels, origin at the top-left pixel.
+    Raises:
+        RegistrationInputError: the file is missing, not a regular file, larger than
+            ``slide_io.MAX_TEXT_FILE_BYTES``, not UTF-8 text, has no X and Y columns, a missing, non-numeric or
+            non-finite coordinate (naming its line), or no points.
+    """
+    lines = read_text_file(path, "landmark file")
+    rows = csv.reader(lines)
+    try:
+        header = [name.strip() for name in next(rows, [])]
+        if "X" not in header or "Y" not in header:
+            # the count, not the names: a wrong file's first line (a password, a log entry) must not reach a report
+            raise RegistrationInputError(
+                path, f"no X and Y columns in the header (expected ',X,Y'; its first line has {len(header)} field(s))"
+            )
+        x_column, y_column = header.index("X"), header.index("Y")
+        points = array("d")  # 16 bytes a point, whatever the file's text takes
+        for row in rows:
+            if not "".join(row).strip():  # blank lines, e.g. at the end of the file
+                continue
+            line = rows.line_num
+            points.extend((_coordinate(path, row, x_column, "X", line), _coordinate(path, row, y_column, "Y", line)))
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise RegistrationInputError(path, f"cannot be read as a CSV text file: {err}") from err
+    if not points:
+        raise RegistrationInputError(path, "no landmark points (only a header)")
+    return np.frombuffer(points, dtype=np.float64).reshape(-1, 2).copy()
+
+
+def write_landmarks(path: PathLike, points: np.ndarray) -> None:
+    """Write landmarks atomically in the ANHIR / BIRL format: header ``,X,Y``, index 0..N-1, 3 decimals.
+
+    Args:
+        path: the output CSV file.
+        points: (N, 2), N >= 1, [X, Y] = [column, row] in pixels; all finite, so that the file reads back.
+    Raises:
+        ValueError: a wrong shape, no points or a non-finite coordinate.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
+        raise ValueError(f"points must be (N, 2) with N >= 1, got {points.shape}.")
+    if not np.isfinite(points).all():
+        raise ValueError("points contain NaN or infinite coordinates.")
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["", "X", "Y"])
+        writer.writerows((index, f"{x:.3f}", f"{y:.3f}") for index, (x, y) in enumerate(points))
+
+
+def _coordinate(path: PathLike, row: list[str], column: int, name: str, line: int) -> float:
+    """The finite number in ``row[column]``, the ``name`` coordinate on ``line`` (1-based) of ``path``."""
+    cell = row[column].strip() if column < len(row) else ""
+    if not cell:
+        raise RegistrationInputError(path, f"line {line}: missing {name} value")
+    try:
+        value = float(cell)
+    except ValueError:
+        shown = repr(cell) if len(cell) <= 20 else f"{cell[:20]!r}..."  # a short excerpt of what the file holds
+        raise RegistrationInputError(path, f"line {line}: {name} value {shown} is not a number") from None
+    if not math.isfinite(value):
+        raise RegistrationInputError(path, f"line {line}: {name} value {cell!r} is not finite")
+    return value
