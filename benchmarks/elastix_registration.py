@@ -82,7 +82,8 @@ from scripts.io.cover_table import (
     read_cover_table,
 )
 from scripts.errors import RegistrationInputError
-from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.frames.geometry import PairGeometry, to_working_grid
+from scripts.prepare.preprocess import tissue_image
 from scripts.io.slide_io import atomic_path, read_landmarks, read_slide, write_landmarks
 
 logger = logging.getLogger("elastix_registration")

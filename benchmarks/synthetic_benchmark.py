@@ -56,8 +56,9 @@ if str(BUNDLE) not in sys.path:
 import torch
 from monai.bundle import ConfigParser
 from monai.networks.blocks import Warp
-from scripts.align.affine import affine_to_field
-from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.frames.fields import affine_to_field
+from scripts.frames.geometry import PairGeometry, to_working_grid
+from scripts.prepare.preprocess import tissue_image
 from scripts.io.slide_io import read_slide
 from skimage import data
 from skimage.color import hed2rgb, rgb2hed

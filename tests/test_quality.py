@@ -15,7 +15,8 @@ from PIL import Image
 
 from scripts.io import read_cover_table
 from scripts.runner import BatchRegistration
-from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.frames.geometry import PairGeometry, to_working_grid
+from scripts.prepare.preprocess import tissue_image
 from scripts.evaluate.quality import QUALITY_COLUMNS, RegistrationQuality, folded_share, similarity, tissue_dice
 from scripts.io.slide_io import read_slide
 

@@ -12,7 +12,8 @@ from monai.bundle import ConfigParser
 from monai.networks.blocks import Warp
 
 from scripts.register import load_weights
-from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.frames.geometry import PairGeometry, to_working_grid
+from scripts.prepare.preprocess import tissue_image
 from scripts.io.slide_io import read_slide
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"

@@ -8,7 +8,8 @@ import pytest
 import torch
 from monai.networks.blocks import Warp
 
-from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.frames.geometry import PairGeometry, to_working_grid
+from scripts.prepare.preprocess import tissue_image
 from scripts.refine.refinement import MutualInformationRefinement, grid_bending_gradient
 from scripts.io.slide_io import read_slide
 from test_recovery import smooth_field

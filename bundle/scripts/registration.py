@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from monai.networks.blocks import Warp
 
-from .align.affine import affine_to_field
+from .frames.fields import affine_to_field
 from .register.nonrigid import PatchPyramidRegistration
-from .prepare.preprocess import PairGeometry, read_at_working_resolution, require_tissue, working_image
+from .frames.geometry import PairGeometry
+from .prepare.preprocess import read_at_working_resolution, require_tissue, working_image
 from .evaluate.quality import RegistrationQuality
 from .io.slide_image import SlideImage
 from .outputs.transform import SlideTransform

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RegistrationInputError
-from ..prepare.preprocess import PairGeometry
+from ..frames.geometry import PairGeometry
 from ..io.slide_io import atomic_path
 from .transform import SlideTransform
 

@@ -18,9 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..frames.fields import compose_fields, identity_grid, pull, resize_field
+from ..frames.fields import compose_fields, downsample, grid_sample_extent, identity_grid, pull, resize_field
 from .mutual_information import ParzenWindows, mutual_information
-from ..register.nonrigid import downsample
 from ..threads import one_thread
 
 BAND_PIXELS = 1 << 16  # working pixels per band of the final composition
@@ -94,8 +93,8 @@ class _Level:
         self.fixed = fixed
         new = fixed.new_tensor
         scale = new([w / s for w, s in zip(working, shape)]).flip(0)[:, None]  # working px per level px
-        level_unit = new([2 / max(n - 1, 1) for n in shape]).flip(0)[:, None]  # grid_sample units per level px
-        working_unit = new([2 / max(n - 1, 1) for n in working]).flip(0)[:, None]
+        level_unit = 2 / grid_sample_extent(shape, fixed)[:, None]  # grid_sample units per level px
+        working_unit = 2 / grid_sample_extent(working, fixed)[:, None]
         self.extent = new([n - 1 for n in shape]).flip(0)[:, None]  # pixels are drawn in [0, extent]
         self.level_unit = level_unit
         # level px p -> control-grid units: the pixel centres of both grids aligned, ((p + 0.5) scale - 0.5) in

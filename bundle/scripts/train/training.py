@@ -19,8 +19,9 @@ from torch.utils.tensorboard import SummaryWriter
 from ..io.cover_table import SOURCE_IMAGE, SOURCE_LANDMARKS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow, read_cover_table
 from ..evaluate.metrics import image_diagonal, score_pair
 from ..register.nonrigid import LevelOutput, PatchPyramidRegistration
-from ..prepare.preprocess import PairGeometry, tissue_image, to_working_grid
-from ..align.affine import affine_to_field
+from ..frames.geometry import PairGeometry, to_working_grid
+from ..prepare.preprocess import tissue_image
+from ..frames.fields import affine_to_field
 from ..registration import SlidePairRegistration
 from ..io.slide_io import read_landmarks, read_slide
 
