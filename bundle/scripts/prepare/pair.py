@@ -19,7 +19,8 @@ Why these are not MONAI's ``LoadImaged`` / ``ScaleIntensityRangePercentilesd`` /
 resolution chosen from the pair's geometry (a pyramid level, block-averaged as it is read) rather than decoded
 whole, the two images of a pair share one frame that neither has alone, and the tissue image's percentiles come from
 one numpy selection (:func:`~scripts.prepare.preprocess.tissue_image`). The steps are MONAI ``MapTransform`` s in a
-MONAI ``Compose``, so a config can add, drop or replace one.
+MONAI ``Compose`` (:class:`PairPreparation`, which only lets a step's own error through), so a config can add, drop or
+replace one.
 """
 
 from __future__ import annotations
@@ -119,7 +120,32 @@ class WorkingImaged(MapTransform):
         return d
 
 
-def declared_preparation(working_size: int) -> Compose:
+class PairPreparation(Compose):
+    """MONAI's ``Compose`` of the preparation steps, raising what a step raised.
+
+    ``Compose`` wraps every error of a step in a ``RuntimeError("applying transform ...")``; the pipeline's callers
+    tell a slide the user must fix (:class:`~scripts.errors.RegistrationInputError`, naming the file) from a failure of
+    the bundle by the error's type, so the step's own error is raised, with its traceback.
+    """
+
+    def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+        try:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        except RuntimeError as error:
+            cause: BaseException = error
+            while _wraps(cause):
+                cause = cause.__cause__
+            if cause is error:
+                raise
+            raise cause from None
+
+
+def _wraps(error: BaseException) -> bool:
+    """Whether ``error`` is MONAI's wrapper around a transform's own error (``monai.transforms.apply_transform``)."""
+    return type(error) is RuntimeError and str(error).startswith("applying transform") and error.__cause__ is not None
+
+
+def declared_preparation(working_size: int) -> PairPreparation:
     """The ``preparation`` chain as ``configs/inference.yaml`` declares it, for a working grid of ``working_size`` px:
     for code that builds a registration without the bundle's config (tests, benchmarks)."""
     from .. import BUNDLE_ROOT  # the package's root module imports this one
