@@ -29,7 +29,8 @@ def pull(
 
     Args:
         image: (1, C, H, W).
-        positions: (N, 2, h, w) where to read, (row, column) in pixels of the image's grid (pixel centres at integers).
+        positions: (N, 2, h, w) where to read, (row, column) in pixels of the image's grid (pixel centres at integers);
+            float64 positions are converted to ``grid_sample`` units in float64, then to the image's dtype.
         padding_mode: ``grid_sample``'s rule outside the image: "zeros" or "border".
         mode: "bilinear", or "nearest" for label images.
     Returns:
@@ -37,7 +38,8 @@ def pull(
     """
     count, _, rows, cols = positions.shape
     # the N position sets stacked along the rows: one batch of one image, so the image is never copied N times
-    grid = to_grid_sample(positions.permute(0, 2, 3, 1), image.shape[-2:]).reshape(1, count * rows, cols, 2)
+    grid = to_grid_sample(positions.permute(0, 2, 3, 1), image.shape[-2:]).to(image.dtype)
+    grid = grid.reshape(1, count * rows, cols, 2)
     values = F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return values.view(image.shape[1], count, rows, cols).transpose(0, 1)
 

@@ -175,5 +175,6 @@ def resample_to_working(
     sigma = np.maximum((ratio - 1) / 2, 0)
     if (sigma > 0).any():
         image = convert_to_tensor(GaussianSmooth(sigma=sigma.tolist())(image), track_meta=False)
-    grid = torch.stack(torch.meshgrid(*(torch.as_tensor(p, dtype=torch.float32) for p in positions), indexing="ij"))
+    # float64 positions: pull normalises them before rounding to float32, so a slide's positions are exact to float32
+    grid = torch.stack(torch.meshgrid(*(torch.as_tensor(p) for p in positions), indexing="ij"))
     return pull(image[None], grid[None])[0]  # zero padding: glass
