@@ -124,5 +124,23 @@ def test_the_config_declares_the_chain_in_order():
     assert [type(step) for step in chain.transforms] == [PairGeometryd, ReadWorkingResolutiond, WorkingImaged]
     assert {step.working_size for step in chain.transforms[:2]} == {parser["working_size"]}
     assert parser["registration"]["preparation"] == "@preparation"
-    train = ConfigParser.load_config_file(BUNDLE / "configs" / "train.yaml")
-    assert train["preparation"] == "%configs/inference.yaml#preparation"
+
+
+def test_the_training_config_shares_inference_yaml_from_any_folder(tmp_path, monkeypatch):
+    """train.yaml, parsed in another folder, gets inference.yaml's declarations with its own hyperparameters (a
+    command-line override included): the same preparation chain, engine and networks the optimiser trains."""
+    monkeypatch.chdir(tmp_path)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
+    parser.update({"working_size": 256})
+    inference = ConfigParser.load_config_file(BUNDLE / "configs" / "inference.yaml")
+    assert Path(parser.get_parsed_content("bundle_root")) == BUNDLE
+    chain = parser.get_parsed_content("preparation")
+    assert [type(step) for step in chain.transforms] == [PairGeometryd, ReadWorkingResolutiond, WorkingImaged]
+    assert chain.transforms[0].working_size == chain.transforms[1].working_size == 256
+    nonrigid, networks = parser.get_parsed_content("nonrigid"), parser.get_parsed_content("networks")
+    assert nonrigid.stride == parser["stride"] != inference["stride"]  # the training's own tiling
+    assert nonrigid.patch_size == inference["patch_size"] and len(networks) == inference["levels"]
+    assert all(a is b for a, b in zip(nonrigid.networks, networks))
+    trained = {id(p) for group in parser.get_parsed_content("optimizer").param_groups for p in group["params"]}
+    assert trained == {id(p) for p in nonrigid.parameters()}
