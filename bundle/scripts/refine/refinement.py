@@ -166,8 +166,8 @@ class MutualInformationRefinement(torch.nn.Module):
         nodes = [max(2, round((n - 1) / self.spacings[0]) + 1) for n in shape]
         generator = torch.Generator(fixed.device).manual_seed(self.seed)
         # autograd, inside the pipeline's inference mode, only for the derivatives of the interpolations; one thread:
-        # the same bits as two, as fast on an idle CPU, and several times faster on a loaded one, where a second
-        # thread's steps of a few ms wait on each other (docs/design.md, "Fine scale")
+        # the same bits as two, and faster on a loaded CPU, where a second thread's short steps wait on each other
+        # (docs/design.md, "Fine scale" and "Measurements moved from code comments (frames)")
         with torch.inference_mode(False), torch.enable_grad(), one_thread():
             # the residual in working px, channels (column, row) as grid_sample reads positions
             grid = torch.zeros(1, 2, *nodes, device=fixed.device, requires_grad=True)
