@@ -1,4 +1,4 @@
-"""Working <-> original pixels of a slide pair: :class:`PairGeometry`, and the resampling of an image onto the working grid.
+"""Working <-> original pixels of a slide pair (:class:`PairGeometry`); images resampled onto its working grid.
 
 Every map between a slide's level-0 pixels and the working grid the registration runs on is a method of
 :class:`PairGeometry` (points: :meth:`~PairGeometry.to_working` / :meth:`~PairGeometry.from_working`; a whole axis:
@@ -161,8 +161,9 @@ def to_working_grid(image: torch.Tensor, geometry: PairGeometry) -> torch.Tensor
 def resample_to_working(
     image: torch.Tensor, downsample: np.ndarray, geometry: PairGeometry, frame: str
 ) -> torch.Tensor:
-    """(C, h, w) image of the ``"target"`` or ``"source"`` slide, its pixel q at level-0 ``(q + 0.5) * downsample - 0.5``
-    (a reduced read, :func:`scripts.io.slide_reader.read_downsampled`) -> (C, *working_shape).
+    """(C, h, w) image of the ``"target"`` or ``"source"`` slide, its pixel q at level-0
+    ``(q + 0.5) * downsample - 0.5`` (a reduced read, :func:`scripts.io.slide_reader.read_downsampled`)
+    -> (C, *working_shape).
 
     The same anti-aliasing as MONAI's ``Resize`` (Gaussian, sigma = (ratio - 1) / 2 per axis), then bilinear sampling
     at each working pixel's position; outside the image reads 0 (glass), as the padding of :func:`to_working_grid`.

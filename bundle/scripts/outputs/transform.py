@@ -372,7 +372,8 @@ class SlideTransform:
         displacement = np.empty_like(field)
         for axis in range(2):
             working = np.arange(field.shape[axis], dtype=np.float64) - margin
-            linear = (source_slope[axis] - target_slope[axis]) * working + (source_intercept[axis] - target_intercept[axis])
+            offset = source_intercept[axis] - target_intercept[axis]
+            linear = (source_slope[axis] - target_slope[axis]) * working + offset
             displacement[..., axis] = source_slope[axis] * field[..., axis] + (
                 linear[:, None] if axis == 0 else linear[None, :]
             )
