@@ -76,7 +76,9 @@ class _Level:
     """One optimisation level: its images, the given field, and the unit conversions a step needs.
 
     Positions are kept as ``grid_sample`` reads them: (column, row), the first and last pixel centre (or control
-    node) at -1 and +1, arrays of shape (2, samples).
+    node) at -1 and +1, arrays of shape (2, samples): the units of :func:`scripts.frames.fields.to_grid_sample`,
+    converted once per level here (its ``grid_sample_extent``), so that a step's four interpolations of the same
+    samples call ``grid_sample`` directly rather than converting them four times through ``pull``.
 
     Args:
         moving, fixed: (1, 1, h, w) level images.
