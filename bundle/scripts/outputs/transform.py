@@ -14,6 +14,10 @@ as written. Units are target pixels (spacing 1 per target pixel); with the slide
 (``SlideImage.mpp``) known, positions would be scaled by the target's mpp (origin, spacing) and the stored vector
 at a node p would become ``(p + d(p)) * source_mpp - p * target_mpp``, which is still exact under the same
 interpolation.
+
+Positions between the slides' pixels and the working grid come from :class:`scripts.frames.geometry.PairGeometry`,
+sampling from :func:`scripts.frames.fields.pull` (MONAI ``Warp``'s sampling step): ``Warp`` itself samples an image
+held whole on the field's own grid, while a slide is warped tile by tile from the source regions each tile reads.
 """
 
 from __future__ import annotations

@@ -6,7 +6,12 @@ placed (centred) in a common frame and resampled together so the longer side is 
 Gaussian anti-aliasing as in the paper. Each slide is read for this at the coarsest resolution that is still at least
 the working grid's (:func:`.slide_reader.read_downsampled`), never from a full decode of a whole slide.
 :class:`scripts.frames.geometry.PairGeometry` records the mapping between level-0 and working pixels, and owns the
-resampling onto the working grid.
+resampling onto the working grid; :mod:`scripts.prepare.pair` chains these steps for a pair.
+
+MONAI components where they fit: ``ScaleIntensityRange`` for the normalisation (its percentile variant sorts the
+image once per percentile, see :func:`tissue_image`), ``SpatialPad`` / ``Resize`` / ``GaussianSmooth`` for the
+working grid; the tissue check smooths with scipy's reflected borders, where MONAI's ``GaussianSmooth`` pads with
+zeros (:func:`tissue_content`).
 """
 
 from __future__ import annotations
