@@ -128,7 +128,11 @@ class PairPreparation(Compose):
     the bundle by the error's type, so the step's own error is raised, with its traceback.
     """
 
-    def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+    def __call__(
+        self, input_: Mapping[Hashable, object], start: int = 0, end: int | None = None, threading: bool = False,
+        lazy: bool | None = None,
+    ) -> dict[Hashable, object]:
+        """The pair through the steps ``start`` to ``end`` (all by default), as ``Compose`` runs them."""
         try:
             return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
         except RuntimeError as error:
