@@ -1,9 +1,9 @@
 """Baseline: register every pair of an ANHIR cover table with elastix (itk-elastix), on the bundle's own inputs.
 
-Both tools see identical images: each slide is read with ``scripts.io.slide_io.read_slide``, reduced to the bundle's
-stain-agnostic tissue channel (``scripts.prepare.preprocess.tissue_image``: inverted luminance, percentile-normalised) and
-padded and resampled with Gaussian anti-aliasing onto the bundle's common working grid (``PairGeometry`` /
-``to_working_grid``, long side ``--working_size``, default 1024 px). Elastix then runs, all of it timed:
+Both tools see identical images: each slide is read with ``scripts.io.slide_io.read_slide`` and prepared by the
+bundle's own ``preparation`` chain (``configs/inference.yaml``, ``scripts.prepare.pair``: the pair's common working
+grid, long side ``--working_size``, default 1024 px; each slide tissue-checked, reduced to the stain-agnostic tissue
+channel and resampled with Gaussian anti-aliasing onto that grid). Elastix then runs, all of it timed:
 
 1. **Rotation search** (ANHIR pairs can be rotated by any angle and elastix only optimises locally): from each of
    ``--angles`` starting rotations about the tissue centroid (centroids aligned), a cheap rigid (Euler) registration
@@ -65,7 +65,6 @@ if str(BUNDLE) not in sys.path:
 
 import itk
 import torch
-import torch.nn.functional as F
 from scripts.runner.batch import RESULT_COLUMNS, WARPED_SOURCE_LANDMARKS_AFFINE
 from scripts.io.anhir import (
     EXECUTION_TIME,
@@ -81,7 +80,8 @@ from scripts.io.anhir import (
     write_landmarks,
 )
 from scripts.errors import RegistrationInputError
-from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.frames.fields import resize_long_side
+from scripts.prepare import declared_preparation
 from scripts.io.slide_io import atomic_path, read_slide
 
 logger = logging.getLogger("elastix_registration")
@@ -261,14 +261,10 @@ def to_itk(array: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0)) -> IMAG
 
 
 def _resize(array: np.ndarray, long_side: int) -> np.ndarray:
-    """Gaussian anti-aliased resize of a (h, w) array so that its long side is ``long_side`` px (never up)."""
-    height, width = array.shape
-    factor = min(1.0, long_side / max(height, width))
-    size = (max(1, round(height * factor)), max(1, round(width * factor)))
-    if size == (height, width):
-        return array
+    """Anti-aliased resize of a (h, w) array so that its long side is ``long_side`` px (never up), as the bundle's
+    affine search makes its copies (:func:`scripts.frames.fields.resize_long_side`)."""
     tensor = torch.as_tensor(array)[None, None]
-    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+    return resize_long_side(tensor, min(long_side, max(array.shape)))[0, 0].numpy()
 
 
 def _centroid_xy(array: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
@@ -422,6 +418,7 @@ class ElastixBatch:
         self.columns, self.rows = read_cover_table(pairs_csv)
         self.output_dir = output_dir
         self.working_size = working_size
+        self.preparation = declared_preparation(working_size)
         self.settings = settings
 
     def run(self) -> dict:
@@ -468,9 +465,9 @@ class ElastixBatch:
         timings["loading"] = time.perf_counter() - started
 
         start = time.perf_counter()
-        geometry = PairGeometry.create(target.pixels.shape[:2], source.pixels.shape[:2], self.working_size)
-        target_working = to_working_grid(tissue_image(target.pixels), geometry)[0].numpy()
-        source_working = to_working_grid(tissue_image(source.pixels), geometry)[0].numpy()
+        prepared = self.preparation({"target": target, "source": source})
+        geometry = prepared["geometry"]
+        target_working, source_working = prepared["fixed"][0].numpy(), prepared["moving"][0].numpy()
         timings["preprocessing"] = time.perf_counter() - start
 
         # fixed = source, moving = target: the transform maps source points into the target, which is what the

@@ -5,9 +5,9 @@ From the repository root::
     python benchmarks/synthetic_benchmark.py [--working_size 1024] [--magnitudes 2 4 8 16] [--seeds 1]
 
 Cases: each tissue image (the four slides of ``bundle/sample/`` and ``skimage.data.immunohistochemistry()``) x each
-magnitude x each seed. For a case, on the bundle's working grid (``tissue_image`` + ``PairGeometry`` /
-``to_working_grid``, long side ``--working_size``; images are never upsampled, so the 512 px skimage image and the
-890 px lung-lesion slides stay at their size):
+magnitude x each seed. For a case, on the bundle's working grid (the bundle's ``preparation`` chain,
+``configs/inference.yaml``, long side ``--working_size``; images are never upsampled, so the 512 px skimage image and
+the 890 px lung-lesion slides stay at their size):
 
 - **target** (fixed) = the slide's tissue image deformed by a known smooth random field ``truth`` (pull,
   ``target(x) = image(x + truth(x))``, MONAI ``Warp``): a sum of three random plane sinusoids per component with
@@ -56,8 +56,9 @@ if str(BUNDLE) not in sys.path:
 import torch
 from monai.bundle import ConfigParser
 from monai.networks.blocks import Warp
-from scripts.align.affine import affine_to_field
-from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.frames.fields import affine_to_field
+from scripts.io.slide_image import ArraySlide
+from scripts.prepare import declared_preparation
 from scripts.io.slide_io import read_slide
 from skimage import data
 from skimage.color import hed2rgb, rgb2hed
@@ -199,18 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     if "elastix" in args.tools:
         tools.append(ElastixTool(args.threads))
 
+    preparation = declared_preparation(args.working_size)
     cases, warmed = [], False
     for image_index, name in enumerate(args.images):
-        pixels = load_pixels(name)
-        geometry = PairGeometry.create(pixels.shape[:2], pixels.shape[:2], args.working_size)
-        image = to_working_grid(tissue_image(pixels), geometry)[None]
+        slide = ArraySlide(load_pixels(name), 8, name)
+        plain = preparation({"target": slide, "source": slide})  # the slide's working grid and tissue image
+        geometry, image = plain["geometry"], plain["fixed"][None]
         for magnitude in args.magnitudes:
             for seed in range(args.seeds):
                 rng = np.random.default_rng([image_index, int(magnitude * 1000), seed])
                 truth = smooth_field(geometry.working_shape, magnitude, rng)
                 fixed = warp(image, truth)
-                stained, stain = stain_change(pixels, rng)
-                moving = to_working_grid(tissue_image(stained), geometry)[None]
+                stained, stain = stain_change(slide.pixels, rng)
+                restained = ArraySlide(stained, 8, f"{name}, stain changed")
+                moving = preparation({"target": slide, "source": restained})["moving"][None]
                 mask = tissue_mask(fixed)
                 case = {
                     "image": name,

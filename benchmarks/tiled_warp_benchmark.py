@@ -58,9 +58,9 @@ def _source_tiles(size: int, tile: int):
 def _transform(size: int):
     import torch
 
-    from scripts.align.affine import affine_to_field
+    from scripts.frames.fields import affine_to_field
     from scripts.frames.fields import compose_fields
-    from scripts.prepare.preprocess import PairGeometry
+    from scripts.frames.geometry import PairGeometry
     from scripts.outputs.transform import SlideTransform
 
     geometry = PairGeometry.create((size, size), (size, size), 1024)

@@ -131,7 +131,8 @@ def write_slides(directory: Path, shape: tuple[int, int]) -> dict[str, float]:
 def worker(target: str, source: str, working_size: int) -> None:
     """Open a pair and build both working-grid images; one JSON line of figures on stdout."""
     sys.path.insert(0, str(BUNDLE))
-    from scripts.prepare.preprocess import PairGeometry, working_image
+    from scripts.frames.geometry import PairGeometry
+    from scripts.prepare.preprocess import working_image
     from scripts.io.slide_reader import open_slide
 
     imported = status_mb("VmRSS")

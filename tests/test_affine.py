@@ -17,8 +17,10 @@ from skimage.transform import AffineTransform, rescale, resize, warp
 
 from scripts import SlidePairRegistration
 from scripts.register import PatchPyramidRegistration
-from scripts.align.affine import AffineInitializer, affine_to_field
-from scripts.prepare.preprocess import PairGeometry, working_image
+from scripts.align.affine import AffineInitializer
+from scripts.frames.fields import affine_to_field
+from scripts.frames.geometry import PairGeometry
+from scripts.prepare.preprocess import working_image
 from scripts.io.slide_image import ArraySlide
 from scripts.io.slide_io import read_slide
 

@@ -33,7 +33,7 @@ from scripts.align import AffineInitializer
 from scripts.io import read_cover_table
 from scripts.register import PatchPyramidRegistration, load_weights
 from scripts.runner import BatchRegistration, select_pairs
-from scripts.align.affine import affine_to_field
+from scripts.frames.fields import affine_to_field
 from scripts.runner.batch import RESULT_COLUMNS, STAGES, ExitCode
 from scripts.runner.output_lock import LOCK_FILE, OutputFolderLock, OutputFolderLocked
 from scripts.io.anhir import (
@@ -48,7 +48,7 @@ from scripts.io.anhir import (
     write_landmarks,
 )
 from scripts.errors import RegistrationInputError
-from scripts.prepare.preprocess import PairGeometry
+from scripts.frames.geometry import PairGeometry
 from scripts.io.slide_io import read_slide
 from scripts.outputs.transform import SlideTransform
 

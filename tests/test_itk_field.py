@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.align.affine import affine_to_field
+from scripts.frames.fields import affine_to_field
 from scripts.frames.fields import compose_fields
-from scripts.prepare.preprocess import PairGeometry
+from scripts.frames.geometry import PairGeometry
 from scripts.outputs.transform import ITK_FIELD_CONVENTION, SlideTransform
 from scripts.io.slide_image import ArraySlide
 

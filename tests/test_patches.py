@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
 from scripts.frames.fields import resize_field
-from scripts.register.nonrigid import PatchPyramidRegistration, downsample
+from scripts.frames.fields import downsample
+from scripts.register.nonrigid import PatchPyramidRegistration
 from scripts.register.patches import PatchGrid, blend_profile, blend_window
 
 # MONAI's Warp announces its PyTorch fallback on CPU; nothing to act on here

@@ -15,7 +15,7 @@ from PIL import Image
 
 from scripts.io import read_cover_table
 from scripts.runner import BatchRegistration
-from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.prepare import declared_preparation
 from scripts.evaluate.quality import QUALITY_COLUMNS, RegistrationQuality, folded_share, similarity, tissue_dice
 from scripts.io.slide_io import read_slide
 
@@ -29,8 +29,7 @@ SLIDE = BUNDLE / "sample" / "rat-kidney" / "Rat-Kidney_HE.jpg"
 def tissue() -> torch.Tensor:
     """The kidney H&E slide as the registration sees it, (1, 1, h, w) at a 256 px working size."""
     slide = read_slide(SLIDE)
-    geometry = PairGeometry.create(slide.pixels.shape[:2], slide.pixels.shape[:2], working_size=256)
-    return to_working_grid(tissue_image(slide.pixels), geometry)[None]
+    return declared_preparation(256)({"target": slide, "source": slide})["fixed"][None]
 
 
 def test_folded_share_of_known_fields():

@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser
 from monai.networks.blocks import Warp
 
 from scripts.register import load_weights
-from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.prepare import declared_preparation
 from scripts.io.slide_io import read_slide
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
@@ -52,8 +52,8 @@ def nonrigid() -> torch.nn.Module:
 )
 def test_known_smooth_deformation_is_recovered_to_half_a_pixel(nonrigid, amplitude, seed, gamma):
     slide = read_slide(SLIDE)
-    geometry = PairGeometry.create(slide.pixels.shape[:2], slide.pixels.shape[:2], working_size=1024)
-    image = to_working_grid(tissue_image(slide.pixels), geometry)[None]
+    prepared = declared_preparation(1024)({"target": slide, "source": slide})
+    geometry, image = prepared["geometry"], prepared["fixed"][None]
     truth = smooth_field(geometry.working_shape, amplitude, seed)
     # fixed(x) = image(x + truth(x)): registering moving = image onto it must give the pull field ``truth``;
     # gamma < 1 gives the moving side a stain-like intensity change

@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.networks.blocks import Warp
 
-from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid
+from scripts.prepare import declared_preparation
 from scripts.refine.refinement import MutualInformationRefinement, grid_bending_gradient
 from scripts.io.slide_io import read_slide
 from test_recovery import smooth_field
@@ -23,8 +23,8 @@ def _pair(amplitude: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torc
     """Moving = tissue image with its intensities inverted (a "stain" NCC cannot match), fixed = tissue image pulled
     by a known smooth field. Returns moving, fixed (1, 1, h, w) and the field (1, 2, h, w) that registers them."""
     slide = read_slide(SLIDE)
-    geometry = PairGeometry.create(slide.pixels.shape[:2], slide.pixels.shape[:2], working_size=SIZE)
-    image = to_working_grid(tissue_image(slide.pixels), geometry)[None]
+    prepared = declared_preparation(SIZE)({"target": slide, "source": slide})
+    geometry, image = prepared["geometry"], prepared["fixed"][None]
     truth = smooth_field(geometry.working_shape, amplitude, seed)
     fixed = Warp(mode="bilinear", padding_mode="zeros")(image, truth)
     return 1.0 - image, fixed, truth

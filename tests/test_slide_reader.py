@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from scripts.errors import RegistrationInputError
-from scripts.prepare.preprocess import PairGeometry, tissue_image, to_working_grid, working_image
+from scripts.frames.geometry import PairGeometry, to_working_grid
+from scripts.prepare.preprocess import tissue_image, working_image
 from scripts.io.slide_image import ArraySlide
 from scripts.io.slide_io import MAX_DECODED_PIXELS, read_slide
 from scripts.io.slide_reader import TiffSlide, open_slide, read_downsampled

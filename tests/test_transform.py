@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from scipy.ndimage import binary_erosion
 from tiff_slide import TiffSlide, write_tiff_pyramid
 
-from scripts.align.affine import affine_to_field
+from scripts.frames.fields import affine_to_field
 from scripts.errors import RegistrationInputError
 from scripts.frames.fields import compose_fields, sample_field
-from scripts.prepare.preprocess import PairGeometry, to_working_grid
+from scripts.frames.geometry import PairGeometry, to_working_grid
 from scripts.io.slide_image import ArraySlide
 from scripts.outputs.transform import SlideTransform
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import math
@@ -13,9 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from monai.networks.blocks import Warp
 
-from .align.affine import affine_to_field
+from .frames.fields import affine_to_field
+from .frames.geometry import PairGeometry
 from .register.nonrigid import PatchPyramidRegistration
-from .prepare.preprocess import PairGeometry, read_at_working_resolution, require_tissue, working_image
+from .prepare.pair import GEOMETRY, SOURCE, SOURCE_SCALE, TARGET, WORKING_IMAGE_KEYS, declared_preparation
 from .evaluate.quality import RegistrationQuality
 from .io.slide_image import SlideImage
 from .outputs.transform import SlideTransform
@@ -50,6 +50,9 @@ class SlidePairRegistration:
         nonrigid: the multi-level patch engine with its trained networks.
         initializer: affine initial alignment, ``(moving, fixed) -> (2, 3)`` pull matrix in working pixels.
         working_size: longer side of the common working grid in pixels; slides are never upsampled.
+        preparation: the pair's preparation, ``{"target", "source"[, "source_scale"]} -> {..., "geometry", "fixed",
+            "moving"}`` (``preparation`` in configs/inference.yaml, :mod:`scripts.prepare.pair`); None: that chain
+            for ``working_size``.
         device: where the images, fields and networks live.
         refinement: optional per-pair refinement of the networks' field, ``(moving, fixed, field) -> field`` (e.g.
             :class:`MutualInformationRefinement`); its result is the "nonrigid" stage.
@@ -67,6 +70,7 @@ class SlidePairRegistration:
         device: torch.device | str = "cpu",
         refinement: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         rescale_above: float | None = 1.15,
+        preparation: Callable[[dict], dict] | None = None,
     ) -> None:
         self.device = torch.device(device)
         # channels-last convolutions run the U-Nets about 1.25x faster on CPU (measured, benchmarks/); on a GPU the
@@ -75,6 +79,7 @@ class SlidePairRegistration:
         self.nonrigid = nonrigid.to(self.device, memory_format=layout).eval()
         self.initializer = initializer
         self.working_size = working_size
+        self.preparation = declared_preparation(working_size) if preparation is None else preparation
         self.refinement = refinement
         self.rescale_above = rescale_above
         self.warp = Warp(mode="bilinear", padding_mode="zeros")  # zeros = background outside the tissue image
@@ -93,19 +98,14 @@ class SlidePairRegistration:
         """
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        geometry = PairGeometry.create(target.shape, source.shape, self.working_size, target.mpp, source.mpp)
         # each slide is read once, at the working resolution: the tissue check runs on that read before any work (too
         # small or no tissue is the user's to fix, named), and the working image is made from it
-        reads = {}
-        for frame, slide in (("target", target), ("source", source)):
-            reads[frame] = read_at_working_resolution(slide, geometry, frame)
-            require_tissue(reads[frame].pixels, slide.path, self.working_size, slide.shape)
+        geometry, fixed, moving = self._prepare({TARGET: target, SOURCE: source})
         if geometry.target_zoom != geometry.source_zoom:
             logger.info(
                 f"{source.path} ({source.mpp} um/px) and {target.path} ({target.mpp} um/px) registered at one physical "
                 f"scale: zoom {geometry.source_zoom} and {geometry.target_zoom} before the working grid"
             )
-        fixed, moving = self._working_images(target, source, geometry, reads)
         timings["preprocessing"] = self._lap(start)
 
         start = time.perf_counter()
@@ -113,10 +113,9 @@ class SlidePairRegistration:
         _require_finite("affine", matrix=matrix)
         found = math.sqrt(abs(float(torch.linalg.det(matrix[:, :2].double()))))  # source px per target px
         if self.rescale_above is not None and found > self.rescale_above:
-            geometry = _source_scaled_down(geometry, target, source, found, self.working_size)
+            geometry, fixed, moving = self._prepare({TARGET: target, SOURCE: source, SOURCE_SCALE: found})
             logger.info(f"{source.path}: its tissue is {found:.2f}x the target's; prepared again with the source "
                         f"scaled down by that much (zoom {geometry.source_zoom} before the working grid)")
-            fixed, moving = self._working_images(target, source, geometry)
             matrix = self.initializer(moving, fixed).to(self.device)
             _require_finite("affine", matrix=matrix)
         initial = affine_to_field(matrix, geometry.working_shape)
@@ -146,34 +145,20 @@ class SlidePairRegistration:
         timings["quality"] = self._lap(start)
         return PairRegistration(SlideTransform(geometry, matrix, total), fixed, stages, timings, quality)
 
-    def _working_images(
-        self, target: SlideImage, source: SlideImage, geometry: PairGeometry, reads: dict | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, 1, h, w) target and source tissue images on the working grid of ``geometry``, on the device;
-        ``reads``: the slides' reads at that geometry's working resolution where already made (the tissue check's)."""
-        reads = reads or {}
-        fixed = working_image(target, geometry, "target", reads.get("target"))[None].to(self.device)
-        moving = working_image(source, geometry, "source", reads.get("source"))[None].to(self.device)
+    def _prepare(self, pair: dict) -> tuple[PairGeometry, torch.Tensor, torch.Tensor]:
+        """The pair through :attr:`preparation`: its geometry and the (1, 1, h, w) target and source tissue images
+        on its working grid, on the device."""
+        prepared = self.preparation(pair)
+        fixed = prepared[WORKING_IMAGE_KEYS[TARGET]][None].to(self.device)
+        moving = prepared[WORKING_IMAGE_KEYS[SOURCE]][None].to(self.device)
         _require_finite("preprocessing", target_image=fixed, source_image=moving)
-        return fixed, moving
+        return prepared[GEOMETRY], fixed, moving
 
     def _lap(self, start: float) -> float:
         # CUDA runs asynchronously: wait for the queued kernels so the stage gets its own time
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
-
-
-def _source_scaled_down(
-    geometry: PairGeometry, target: SlideImage, source: SlideImage, factor: float, working_size: int
-) -> PairGeometry:
-    """``geometry`` with the source's pixels taken as ``factor`` times finer than before (its stated microns per
-    pixel, or the target's where the two do not both state theirs); the recorded microns per pixel stay the files'."""
-    stated = geometry.target_mpp is not None and geometry.source_mpp is not None
-    target_mpp = geometry.target_mpp if stated else (1.0, 1.0)
-    source_mpp = tuple(value / factor for value in (geometry.source_mpp if stated else (1.0, 1.0)))
-    scaled = PairGeometry.create(target.shape, source.shape, working_size, target_mpp, source_mpp)
-    return dataclasses.replace(scaled, target_mpp=geometry.target_mpp, source_mpp=geometry.source_mpp)
 
 
 def _require_finite(stage: str, **tensors: torch.Tensor) -> None:

@@ -1,7 +1,7 @@
 """Global affine initialisation of a stained-section pair: scale and full-circle rotation search, then pyramid
 refinement.
 
-The result seeds the nonrigid stage. Conventions, shared with :func:`affine_to_field`:
+The result seeds the nonrigid stage. Conventions, shared with :func:`scripts.frames.fields.affine_to_field`:
 
 - images are ``(1, 1, H, W)`` single-channel float tensors, tissue bright on a dark (~0) background, and the fixed
   (target) and moving (source) images have the same shape;
@@ -14,6 +14,12 @@ origin and the long side spans ``[-1, 1]``. A pixel ``p`` of the full grid sits 
 ``align_corners=False`` coordinate of ``F.grid_sample`` and ``D = diag(H / L, W / L)``. Because antialiased
 resizing keeps the image extent, ``D`` is the same at every pyramid level, so a transform estimated at one level is
 valid at all of them.
+
+This frame is the search's own, not a frame of the pipeline: :func:`_warp` hands it to ``F.affine_grid`` /
+``F.grid_sample`` with ``align_corners=False``, whose normalised coordinates (pixel edges at +-1) are what the
+isotropic frame is a fixed diagonal scaling of. Every other sampling in the bundle is in pixels, through
+:mod:`scripts.frames.fields`. MONAI's ``Affine`` transform resamples one image per call; the search warps a batch
+of copies (every angle of every scale) in one ``grid_sample``, and the refinement needs its gradient.
 """
 
 from __future__ import annotations
@@ -25,23 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..frames.fields import identity_grid
+from ..frames.fields import resize_long_side
 from ..threads import one_thread
 
-__all__ = ["AffineInitializer", "affine_to_field", "global_ncc"]
+__all__ = ["AffineInitializer", "global_ncc"]
 
 # (row, col) <-> (x, y): F.affine_grid orders coordinates last axis first.
 _SWAP = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-
-
-def _resize(image: Tensor, long_side: int) -> Tensor:
-    """Antialiased resize of a ``(N, C, H, W)`` image so that its long side is ``long_side`` pixels."""
-    height, width = image.shape[-2:]
-    factor = long_side / max(height, width)
-    size = (max(round(height * factor), 1), max(round(width * factor), 1))
-    if size == (height, width):
-        return image
-    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def global_ncc(a: Tensor, b: Tensor) -> Tensor:
@@ -184,7 +180,7 @@ class AffineInitializer(torch.nn.Module):
         """Score each ``(S, A, 2, 2)`` linear map (S scales, A angles) about the images' centroids, on copies of
         long side ``size``. Returns the scores ``(S, A)``, the fixed pivots ``(S, A, 2)`` (the fixed centroid moved
         by the best FFT shift) and the moving centroid ``(2,)``, in the isotropic frame."""
-        fixed_s, moving_s = _resize(fixed, size), _resize(moving, size)
+        fixed_s, moving_s = resize_long_side(fixed, size), resize_long_side(moving, size)
         pivot, centroid = _centroid(fixed_s, scale), _centroid(moving_s, scale)
         shape = torch.tensor(fixed_s.shape[-2:], dtype=fixed.dtype, device=fixed.device)
         scores, pivots = [], []
@@ -239,7 +235,7 @@ class AffineInitializer(torch.nn.Module):
         linear_p = linear.clone().requires_grad_(True)
         shift_p = shift.clone().requires_grad_(True)
         for size, steps in levels:
-            fixed_l, moving_l = _resize(fixed, size), _resize(moving, size)
+            fixed_l, moving_l = resize_long_side(fixed, size), resize_long_side(moving, size)
             lr = self.learning_rate * levels[0][0] / size
             optimizer = torch.optim.Adam([linear_p, shift_p], lr=lr)
             for step in range(steps):
@@ -279,20 +275,3 @@ def _warp(image: Tensor, linear: Tensor, shift: Tensor, pivot: Tensor, scale: Te
     theta = torch.cat([swap @ matrix @ swap, (offset @ swap)[..., None].expand(len(matrix), 2, 1)], -1)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def affine_to_field(matrix: Tensor, shape: tuple[int, int]) -> Tensor:
-    """Displacement field of a pixel-unit pull matrix, for :class:`monai.networks.blocks.Warp`.
-
-    Args:
-        matrix: ``(2, 3)`` pull matrix in pixels, row/column order (as returned by :class:`AffineInitializer`).
-        shape: ``(H, W)`` of the grid.
-
-    Returns:
-        ``u(x) = A x - x`` as ``(1, 2, H, W)`` in pixels, channel 0 rows, channel 1 columns, on ``matrix``'s device
-        and dtype, so that ``Warp()(moving, u)(x) = moving(A x)``.
-    """
-    grid = identity_grid(shape, matrix.device).to(matrix.dtype)[0]  # (2, H, W)
-    identity = torch.eye(2, dtype=matrix.dtype, device=matrix.device)
-    field = torch.einsum("ij,jhw->ihw", matrix[:, :2] - identity, grid) + matrix[:, 2, None, None]
-    return field[None]

@@ -1,7 +1,19 @@
-"""Dense displacement fields in MONAI's `Warp` convention.
+"""Dense displacement fields in MONAI's `Warp` convention, and the one owner of pixel <-> ``grid_sample`` units.
 
 A field ``u`` has shape (B, 2, H, W), is in pixels of its own grid, channel 0 = rows, channel 1 = columns, and
 pulls: ``warped(x) = image(x + u(x))``. Pixel centres sit at integer indices.
+
+Everything in the bundle that samples an image or a field at pixel positions goes through :func:`pull` or
+:func:`to_grid_sample`; everything that shrinks an image or a field on the same extent goes through
+:func:`downsample` (image pyramids), :func:`resize_long_side` (the affine search's copies) or :func:`resize_field`.
+
+Why not MONAI's components: ``monai.networks.blocks.Warp`` samples at ``identity + field`` on the image's own grid
+only; the pipeline reads images at positions on other grids (a patch, a tile of the output, a band of the field,
+random samples), so :func:`pull` is Warp's sampling step (``grid_sample``, ``align_corners=True``, pixel centres at
++-1) without its grid, and is tested against Warp (tests/test_frames.py). MONAI's ``Resize`` anti-aliases with a
+Gaussian and resizes one image without a batch; the pyramids need area averaging (a ``ceil`` size, the same as the
+patch engine was trained with) and the affine search PyTorch's own anti-aliased bilinear resize, so each is the
+``F.interpolate`` mode it has always used.
 """
 
 from __future__ import annotations
@@ -17,20 +29,37 @@ def pull(
 
     Args:
         image: (1, C, H, W).
-        positions: (N, 2, h, w) where to read, (row, column) in pixels of the image's grid (pixel centres at integers).
+        positions: (N, 2, h, w) where to read, (row, column) in pixels of the image's grid (pixel centres at integers);
+            float64 positions are converted to ``grid_sample`` units in float64, then to the image's dtype.
         padding_mode: ``grid_sample``'s rule outside the image: "zeros" or "border".
         mode: "bilinear", or "nearest" for label images.
     Returns:
         (N, C, h, w).
     """
-    height, width = image.shape[-2:]
-    # grid_sample with align_corners=True puts -1 / +1 on the first / last pixel centre, as MONAI's Warp does
-    extent = positions.new_tensor([max(width - 1, 1), max(height - 1, 1)])
     count, _, rows, cols = positions.shape
     # the N position sets stacked along the rows: one batch of one image, so the image is never copied N times
-    grid = (positions.flip(1).permute(0, 2, 3, 1) * 2 / extent - 1).reshape(1, count * rows, cols, 2)
+    grid = to_grid_sample(positions.permute(0, 2, 3, 1), image.shape[-2:]).to(image.dtype)
+    grid = grid.reshape(1, count * rows, cols, 2)
     values = F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return values.view(image.shape[1], count, rows, cols).transpose(0, 1)
+
+
+def to_grid_sample(positions: torch.Tensor, shape: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Pixel positions -> the coordinates ``F.grid_sample(..., align_corners=True)`` reads, as MONAI's ``Warp`` uses it.
+
+    Args:
+        positions: (..., 2) (row, column) in pixels of a grid of ``shape`` (pixel centres at integers).
+        shape: (H, W) of the sampled grid.
+    Returns:
+        (..., 2) (x, y) = (column, row), -1 and +1 on the first and last pixel centre (a grid of one pixel: 0 at it).
+    """
+    return positions.flip(-1) * 2 / grid_sample_extent(shape, positions) - 1
+
+
+def grid_sample_extent(shape: tuple[int, int] | torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """(2,) (x, y) pixels from the first to the last pixel centre of a grid of ``shape`` (H, W), at least 1, on
+    ``like``'s device and dtype: ``grid_sample`` units are ``2 / extent`` per pixel (:func:`to_grid_sample`)."""
+    return like.new_tensor([max(int(shape[1]) - 1, 1), max(int(shape[0]) - 1, 1)])
 
 
 def compose_fields(first: torch.Tensor, second: torch.Tensor, first_row: int = 0) -> torch.Tensor:
@@ -64,6 +93,46 @@ def resize_field(field: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         return field
     scale = field.new_tensor([shape[0] / field.shape[-2], shape[1] / field.shape[-1]]).view(1, 2, 1, 1)
     return F.interpolate(field, size=tuple(shape), mode="bilinear", align_corners=False).mul_(scale)  # no 2nd copy
+
+
+def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, ceil(H / f), ceil(W / f)), area-averaged (anti-aliased) for power-of-two pyramids."""
+    if factor == 1:
+        return image
+    shape = (-(-image.shape[-2] // factor), -(-image.shape[-1] // factor))
+    return F.interpolate(image, size=shape, mode="area")
+
+
+def resize_long_side(image: torch.Tensor, long_side: int) -> torch.Tensor:
+    """Anti-aliased bilinear resize of a (N, C, H, W) image so that its long side is ``long_side`` pixels.
+
+    The grids share their extent (``align_corners=False``: pixel edges, not centres, coincide), as in
+    :func:`resize_field`; each side is rounded, so the aspect ratio is kept to half a pixel.
+    """
+    height, width = image.shape[-2:]
+    factor = long_side / max(height, width)
+    size = (max(round(height * factor), 1), max(round(width * factor), 1))
+    if size == (height, width):
+        return image
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def affine_to_field(matrix: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Displacement field of a pixel-unit pull matrix, for :class:`monai.networks.blocks.Warp`.
+
+    Args:
+        matrix: ``(2, 3)`` pull matrix in pixels, row/column order (as returned by ``AffineInitializer``):
+            ``[r_m, c_m] = A[:, :2] @ [r_f, c_f] + A[:, 2]``.
+        shape: ``(H, W)`` of the grid.
+
+    Returns:
+        ``u(x) = A x - x`` as ``(1, 2, H, W)`` in pixels, channel 0 rows, channel 1 columns, on ``matrix``'s device
+        and dtype, so that ``Warp()(moving, u)(x) = moving(A x)``.
+    """
+    grid = identity_grid(shape, matrix.device).to(matrix.dtype)[0]  # (2, H, W)
+    identity = torch.eye(2, dtype=matrix.dtype, device=matrix.device)
+    field = torch.einsum("ij,jhw->ihw", matrix[:, :2] - identity, grid) + matrix[:, 2, None, None]
+    return field[None]
 
 
 def sample_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RegistrationInputError
-from ..prepare.preprocess import PairGeometry
+from ..frames.geometry import PairGeometry
 from ..io.slide_io import atomic_path
 from .transform import SlideTransform
 
@@ -303,5 +303,5 @@ def _positions(value: object) -> list:
 
 def _pixels_per_working_pixel(geometry: PairGeometry, frame: str) -> float:
     """The smaller extent of one working pixel in original pixels of ``frame``."""
-    corners = geometry.from_working(np.array([[0.0, 0.0], [1.0, 1.0]]), frame)
-    return float(np.min(np.abs(corners[1] - corners[0])))
+    slope, _ = geometry.working_to_level0(frame)
+    return float(np.min(np.abs(slope)))

@@ -14,13 +14,17 @@ as written. Units are target pixels (spacing 1 per target pixel); with the slide
 (``SlideImage.mpp``) known, positions would be scaled by the target's mpp (origin, spacing) and the stored vector
 at a node p would become ``(p + d(p)) * source_mpp - p * target_mpp``, which is still exact under the same
 interpolation.
+
+Positions between the slides' pixels and the working grid come from :class:`scripts.frames.geometry.PairGeometry`,
+sampling from :func:`scripts.frames.fields.pull` (MONAI ``Warp``'s sampling step): ``Warp`` itself samples an image
+held whole on the field's own grid, while a slide is warped tile by tile from the source regions each tile reads.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 
 from ..frames.fields import identity_grid, invert_points, pull, sample_field
-from ..prepare.preprocess import PairGeometry
+from ..frames.geometry import PairGeometry
 from ..io.pyramid_writer import write_pyramid
 from ..io.slide_image import SlideImage
 from ..io.slide_io import atomic_path
@@ -130,7 +134,7 @@ class SlideTransform:
         linear, shift = self.affine[:, :2].double().cpu(), self.affine[:, 2].double().cpu()
         inverse = torch.linalg.inv(linear)
         affine = torch.cat([inverse, -(inverse @ shift)[:, None]], 1).to(self.affine)
-        return SlideTransform(_swapped(self.geometry), affine, field.to(self.field))
+        return SlideTransform(self.geometry.swapped(), affine, field.to(self.field))
 
     @classmethod
     def load(cls, folder: str | Path) -> SlideTransform:
@@ -149,8 +153,7 @@ class SlideTransform:
         record_path = folder / REGISTRATION_RECORD
         try:
             record = json.loads(record_path.read_text())
-            values = record["geometry"].items()
-            geometry = PairGeometry(**{key: tuple(v) if isinstance(v, list) else v for key, v in values})
+            geometry = PairGeometry.from_dict(record["geometry"])
             affine = torch.tensor(record["affine_working_pixels"], dtype=torch.float32)
         except FileNotFoundError:
             raise RegistrationInputError(record_path, "not found: not a registration folder") from None
@@ -254,9 +257,9 @@ class SlideTransform:
 
     def _source_level(self, source: SlideImage, output_downsample: int) -> int:
         """The coarsest source level whose pixels are no larger than the source extent of one output pixel."""
-        working = self.geometry.to_working(np.array([[0.0, 0.0], [1.0, 1.0]]), "target")
-        corners = self.geometry.from_working(working, "source")
-        source_per_target = float(np.min(np.abs(corners[1] - corners[0])))
+        target_slope, _ = self.geometry.working_to_level0("target")
+        source_slope, _ = self.geometry.working_to_level0("source")
+        source_per_target = float(np.min(np.abs(source_slope / target_slope)))
         needed = output_downsample * source_per_target * (1 + 1e-6)
         fitting = [i for i, level in enumerate(source.levels) if max(level.downsample) <= needed]
         return fitting[-1] if fitting else 0
@@ -325,10 +328,10 @@ class SlideTransform:
         working = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].to(self.field.device)
         moved = working + pull(self.field, working, padding_mode="border")
         # source working pixel -> source level pixel: (from_working(w) + 0.5) / level downsample - 0.5
-        ends = self.geometry.from_working(np.array([[0.0, 0.0], [1.0, 1.0]]), "source")
+        slope, intercept = self.geometry.working_to_level0("source")
         level_downsample = np.asarray(source.levels[level].downsample)
-        slope = (ends[1] - ends[0]) / level_downsample
-        shift = (ends[0] + 0.5) / level_downsample - 0.5
+        slope = slope / level_downsample
+        shift = (intercept + 0.5) / level_downsample - 0.5
         return moved * moved.new_tensor(slope).view(1, 2, 1, 1) + moved.new_tensor(shift).view(1, 2, 1, 1)
 
     def save_field(self, path: str | Path) -> None:
@@ -368,17 +371,17 @@ class SlideTransform:
         margin = 0 if tuple(geometry.target_zoom) == tuple(geometry.source_zoom) else 1
         if margin:
             field = np.pad(field, ((margin, margin), (margin, margin), (0, 0)), mode="edge")
-        ends = np.array([[0.0, 0.0], [1.0, 1.0]])
-        target, source = geometry.from_working(ends, "target"), geometry.from_working(ends, "source")
-        target_slope, source_slope = target[1] - target[0], source[1] - source[0]
+        target_slope, target_intercept = geometry.working_to_level0("target")
+        source_slope, source_intercept = geometry.working_to_level0("source")
         displacement = np.empty_like(field)
         for axis in range(2):
             working = np.arange(field.shape[axis], dtype=np.float64) - margin
-            linear = (source_slope[axis] - target_slope[axis]) * working + (source[0, axis] - target[0, axis])
+            offset = source_intercept[axis] - target_intercept[axis]
+            linear = (source_slope[axis] - target_slope[axis]) * working + offset
             displacement[..., axis] = source_slope[axis] * field[..., axis] + (
                 linear[:, None] if axis == 0 else linear[None, :]
             )
-        origin = target[0] - margin * target_slope
+        origin = target_intercept - margin * target_slope
         return displacement[..., ::-1].copy(), origin[::-1].copy(), target_slope[::-1].copy()
 
     def save_itk_field(self, path: str | Path) -> None:
@@ -410,13 +413,3 @@ class SlideTransform:
         with atomic_path(path) as tmp, tmp.open("wb") as handle:
             handle.write("".join(f"{key} = {value}\n" for key, value in header.items()).encode("ascii"))
             handle.write(data.tobytes())
-
-def _swapped(geometry: PairGeometry) -> PairGeometry:
-    """The geometry with the roles of target and source exchanged (every ``target_*`` / ``source_*`` field)."""
-    values = {field.name: getattr(geometry, field.name) for field in fields(geometry)}
-    swapped = {
-        name: values["source_" + name[7:]] if name.startswith("target_") else
-        values["target_" + name[7:]] if name.startswith("source_") else value
-        for name, value in values.items()
-    }
-    return PairGeometry(**swapped)

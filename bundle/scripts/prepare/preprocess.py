@@ -5,24 +5,29 @@ stain-agnostic channel: inverted luminance (tissue bright, glass background dark
 placed (centred) in a common frame and resampled together so the longer side is ``working_size`` pixels, with
 Gaussian anti-aliasing as in the paper. Each slide is read for this at the coarsest resolution that is still at least
 the working grid's (:func:`.slide_reader.read_downsampled`), never from a full decode of a whole slide.
-:class:`PairGeometry` records the mapping between level-0 and working pixels.
+:class:`scripts.frames.geometry.PairGeometry` records the mapping between level-0 and working pixels, and owns the
+resampling onto the working grid; :mod:`scripts.prepare.pair` chains these steps for a pair.
+
+MONAI components where they fit: ``ScaleIntensityRange`` for the normalisation (its percentile variant sorts the
+image once per percentile, see :func:`tissue_image`), ``SpatialPad`` / ``Resize`` / ``GaussianSmooth`` for the
+working grid; the tissue check smooths with scipy's reflected borders, where MONAI's ``GaussianSmooth`` pads with
+zeros (:func:`tissue_content`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.transforms import GaussianSmooth, Resize, ScaleIntensityRange, SpatialPad
+from monai.transforms import ScaleIntensityRange
 from monai.utils import convert_to_tensor
 from scipy.ndimage import gaussian_filter
 
 from ..errors import RegistrationInputError
-from ..register.nonrigid import downsample
-
+from ..frames.fields import downsample
+from ..frames.geometry import PairGeometry, resample_to_working, to_working_grid
 from ..io.slide_image import SlideImage
 from ..io.slide_reader import Downsampled, read_downsampled
 
@@ -55,7 +60,7 @@ def tissue_image(pixels: np.ndarray) -> torch.Tensor:
     inverted = (1.0 - gray)[None]
     # percentiles rather than min/max: dust, pen marks and saturated pixels must not set the scale. Both from one
     # numpy selection: MONAI's ScaleIntensityRangePercentiles sorts the image once per percentile (torch.quantile),
-    # about 10x slower: a tenth of a second per megapixel
+    # which is slower (docs/design.md, "Measurements moved from code comments (frames)")
     low, high = np.percentile(inverted.numpy(), PERCENTILES)
     normalise = ScaleIntensityRange(a_min=float(low), a_max=float(high), b_min=0.0, b_max=1.0, clip=True)
     return convert_to_tensor(normalise(inverted), dtype=torch.float32, track_meta=False)
@@ -144,118 +149,6 @@ def require_tissue(
     return content
 
 
-@dataclass(frozen=True)
-class PairGeometry:
-    """How the level-0 pixels of a target/source pair relate to the common working grid.
-
-    Each slide is scaled by its ``*_zoom`` (common-frame pixels per level-0 pixel, (rows, columns)) and placed in the
-    common frame of ``common_shape`` pixels ``*_offset`` pixels from its top-left, then the frame is resampled to
-    ``working_shape``. The zoom is 1 unless both slides state their microns per pixel (``*_mpp``) and these differ:
-    then the finer slide is scaled down to the coarser one's pixel size, so both are registered at the same physical
-    scale. Positions are (row, column) in pixels, pixel centres at integer indices; level-0 position p lies at
-    common position ``c = p * zoom + (zoom - 1) / 2 + offset`` and at working position ``(c + 0.5) * scale - 0.5`` with
-    ``scale = working_shape / common_shape`` per axis.
-    """
-
-    target_shape: tuple[int, int]
-    source_shape: tuple[int, int]
-    common_shape: tuple[int, int]
-    target_offset: tuple[int, int]
-    source_offset: tuple[int, int]
-    working_shape: tuple[int, int]
-    target_zoom: tuple[float, float] = (1.0, 1.0)
-    source_zoom: tuple[float, float] = (1.0, 1.0)
-    target_mpp: tuple[float, float] | None = None
-    source_mpp: tuple[float, float] | None = None
-
-    @classmethod
-    def create(
-        cls,
-        target_shape: tuple[int, int],
-        source_shape: tuple[int, int],
-        working_size: int,
-        target_mpp: tuple[float, float] | None = None,
-        source_mpp: tuple[float, float] | None = None,
-    ) -> PairGeometry:
-        """Geometry for a pair; images are only ever downsampled (a small pair stays at its own resolution).
-
-        Args:
-            target_shape, source_shape: (rows, columns) of level 0.
-            working_size: longer side of the working grid, px.
-            target_mpp, source_mpp: microns per level-0 pixel (rows, columns), None if unknown.
-        """
-        target_zoom, source_zoom = (1.0, 1.0), (1.0, 1.0)
-        if target_mpp is not None and source_mpp is not None and not np.allclose(target_mpp, source_mpp, rtol=1e-3):
-            coarser = np.maximum(target_mpp, source_mpp)
-            target_zoom = tuple(float(value) for value in np.asarray(target_mpp) / coarser)
-            source_zoom = tuple(float(value) for value in np.asarray(source_mpp) / coarser)
-        # extents in the common frame; with a zoom of 1 exactly the level-0 shapes
-        target_extent = [round(n * z) if z != 1 else n for n, z in zip(target_shape, target_zoom)]
-        source_extent = [round(n * z) if z != 1 else n for n, z in zip(source_shape, source_zoom)]
-        common = (max(target_extent[0], source_extent[0]), max(target_extent[1], source_extent[1]))
-        factor = min(1.0, working_size / max(common))
-        working = (max(1, round(common[0] * factor)), max(1, round(common[1] * factor)))
-        return cls(
-            target_shape=tuple(target_shape),
-            source_shape=tuple(source_shape),
-            common_shape=common,
-            target_offset=tuple((c - n) // 2 for c, n in zip(common, target_extent)),  # as SpatialPad "symmetric"
-            source_offset=tuple((c - n) // 2 for c, n in zip(common, source_extent)),
-            working_shape=working,
-            target_zoom=target_zoom,
-            source_zoom=source_zoom,
-            target_mpp=None if target_mpp is None else tuple(float(value) for value in target_mpp),
-            source_mpp=None if source_mpp is None else tuple(float(value) for value in source_mpp),
-        )
-
-    @property
-    def scale(self) -> np.ndarray:
-        """(2,) working pixels per common-frame pixel, (rows, columns)."""
-        return np.asarray(self.working_shape, dtype=np.float64) / np.asarray(self.common_shape, dtype=np.float64)
-
-    def working_downsample(self, frame: str) -> np.ndarray:
-        """(2,) level-0 pixels of the ``"target"`` or ``"source"`` slide per working pixel, (rows, columns)."""
-        return 1.0 / (self.scale * self._zoom(frame))
-
-    def to_working(self, points: np.ndarray, frame: str) -> np.ndarray:
-        """(N, 2) (row, column) level-0 pixels of the ``"target"`` or ``"source"`` slide -> working pixels."""
-        zoom = self._zoom(frame)
-        return (points * zoom + (zoom - 1) / 2 + self._offset(frame) + 0.5) * self.scale - 0.5
-
-    def from_working(self, points: np.ndarray, frame: str) -> np.ndarray:
-        """(N, 2) (row, column) working pixels -> level-0 pixels of the ``"target"`` or ``"source"`` slide."""
-        zoom = self._zoom(frame)
-        return ((points + 0.5) / self.scale - 0.5 - self._offset(frame) - (zoom - 1) / 2) / zoom
-
-    def _offset(self, frame: str) -> np.ndarray:
-        if frame not in ("target", "source"):
-            raise ValueError(f"frame must be 'target' or 'source', got {frame!r}")
-        return np.asarray(self.target_offset if frame == "target" else self.source_offset, dtype=np.float64)
-
-    def _zoom(self, frame: str) -> np.ndarray:
-        if frame not in ("target", "source"):
-            raise ValueError(f"frame must be 'target' or 'source', got {frame!r}")
-        return np.asarray(self.target_zoom if frame == "target" else self.source_zoom, dtype=np.float64)
-
-    def to_dict(self) -> dict:
-        """JSON-ready: tuples as lists, an unknown pixel size as None."""
-        return {key: None if value is None else list(value) for key, value in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, record: dict) -> PairGeometry:
-        """The geometry :meth:`to_dict` wrote (``registration.json``, the field's sidecar)."""
-        return cls(**{key: None if value is None else tuple(value) for key, value in record.items()})
-
-
-def to_working_grid(image: torch.Tensor, geometry: PairGeometry) -> torch.Tensor:
-    """(C, H, W) original-resolution image -> (C, *working_shape): centred pad, Gaussian anti-aliased resample."""
-    padded = SpatialPad(geometry.common_shape, method="symmetric")(image)
-    if tuple(geometry.working_shape) == tuple(geometry.common_shape):
-        return convert_to_tensor(padded, track_meta=False)
-    resize = Resize(geometry.working_shape, mode="bilinear", align_corners=False, anti_aliasing=True)
-    return convert_to_tensor(resize(padded), track_meta=False)
-
-
 def read_at_working_resolution(slide: SlideImage, geometry: PairGeometry, frame: str) -> Downsampled:
     """``slide`` (the ``"target"`` or ``"source"`` of ``geometry``) read whole at the coarsest resolution that is still
     at least the working grid's: a pyramid level, block averaged as it is read (:func:`read_downsampled`)."""
@@ -281,30 +174,4 @@ def working_image(
     zoom = np.asarray(geometry.target_zoom if frame == "target" else geometry.source_zoom)
     if downsampled.downsample == (1.0, 1.0) and (zoom == 1).all():
         return to_working_grid(tissue, geometry)
-    return _resample_to_working(tissue, np.asarray(downsampled.downsample), geometry, frame)
-
-
-def _resample_to_working(
-    image: torch.Tensor, downsample: np.ndarray, geometry: PairGeometry, frame: str
-) -> torch.Tensor:
-    """(C, h, w) image with pixel q at level-0 ``(q + 0.5) * downsample - 0.5`` -> (C, *working_shape).
-
-    The same anti-aliasing as MONAI's ``Resize`` (Gaussian, sigma = (ratio - 1) / 2 per axis), then bilinear sampling
-    at each working pixel's position; outside the image reads 0 (glass), as the padding of :func:`to_working_grid`.
-    """
-    axes = [np.arange(n, dtype=np.float64) for n in geometry.working_shape]
-    # working pixel -> level-0 pixel -> pixel of the image, separately per axis (the mapping is axis-aligned)
-    level0 = [geometry.from_working(np.stack([axis, axis], -1), frame)[:, i] for i, axis in enumerate(axes)]
-    positions = [(p + 0.5) / d - 0.5 for p, d in zip(level0, downsample)]
-    ratio = geometry.working_downsample(frame) / downsample  # image pixels per working pixel
-    sigma = np.maximum((ratio - 1) / 2, 0)
-    if (sigma > 0).any():
-        image = convert_to_tensor(GaussianSmooth(sigma=sigma.tolist())(image), track_meta=False)
-    size = np.asarray(image.shape[1:], dtype=np.float64)
-    # grid_sample's normalised coordinates, align_corners=True: -1 and 1 are the centres of the first and last pixel
-    normalised = [
-        torch.as_tensor(p / np.maximum(n - 1, 1) * 2 - 1, dtype=torch.float32) for p, n in zip(positions, size)
-    ]
-    rows, columns = torch.meshgrid(*normalised, indexing="ij")
-    grid = torch.stack([columns, rows], dim=-1)[None]
-    return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    return resample_to_working(tissue, np.asarray(downsampled.downsample), geometry, frame)

@@ -18,9 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..frames.fields import compose_fields, identity_grid, pull, resize_field
+from ..frames.fields import compose_fields, downsample, grid_sample_extent, identity_grid, pull, resize_field
 from .mutual_information import ParzenWindows, mutual_information
-from ..register.nonrigid import downsample
 from ..threads import one_thread
 
 BAND_PIXELS = 1 << 16  # working pixels per band of the final composition
@@ -77,7 +76,9 @@ class _Level:
     """One optimisation level: its images, the given field, and the unit conversions a step needs.
 
     Positions are kept as ``grid_sample`` reads them: (column, row), the first and last pixel centre (or control
-    node) at -1 and +1, arrays of shape (2, samples).
+    node) at -1 and +1, arrays of shape (2, samples): the units of :func:`scripts.frames.fields.to_grid_sample`,
+    converted once per level here (its ``grid_sample_extent``), so that a step's four interpolations of the same
+    samples call ``grid_sample`` directly rather than converting them four times through ``pull``.
 
     Args:
         moving, fixed: (1, 1, h, w) level images.
@@ -94,8 +95,8 @@ class _Level:
         self.fixed = fixed
         new = fixed.new_tensor
         scale = new([w / s for w, s in zip(working, shape)]).flip(0)[:, None]  # working px per level px
-        level_unit = new([2 / max(n - 1, 1) for n in shape]).flip(0)[:, None]  # grid_sample units per level px
-        working_unit = new([2 / max(n - 1, 1) for n in working]).flip(0)[:, None]
+        level_unit = 2 / grid_sample_extent(shape, fixed)[:, None]  # grid_sample units per level px
+        working_unit = 2 / grid_sample_extent(working, fixed)[:, None]
         self.extent = new([n - 1 for n in shape]).flip(0)[:, None]  # pixels are drawn in [0, extent]
         self.level_unit = level_unit
         # level px p -> control-grid units: the pixel centres of both grids aligned, ((p + 0.5) scale - 0.5) in
@@ -167,8 +168,8 @@ class MutualInformationRefinement(torch.nn.Module):
         nodes = [max(2, round((n - 1) / self.spacings[0]) + 1) for n in shape]
         generator = torch.Generator(fixed.device).manual_seed(self.seed)
         # autograd, inside the pipeline's inference mode, only for the derivatives of the interpolations; one thread:
-        # the same bits as two, as fast on an idle CPU, and several times faster on a loaded one, where a second
-        # thread's steps of a few ms wait on each other (docs/design.md, "Fine scale")
+        # the same bits as two, and faster on a loaded CPU, where a second thread's short steps wait on each other
+        # (docs/design.md, "Fine scale" and "Measurements moved from code comments (frames)")
         with torch.inference_mode(False), torch.enable_grad(), one_thread():
             # the residual in working px, channels (column, row) as grid_sample reads positions
             grid = torch.zeros(1, 2, *nodes, device=fixed.device, requires_grad=True)

@@ -6,9 +6,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..frames.fields import compose_fields, pull, resize_field
+from ..frames.fields import compose_fields, downsample, pull, resize_field
 from .networks import LevelNetworks
 from .patches import PatchGrid
 
@@ -21,14 +20,6 @@ class LevelOutput:
     moving: torch.Tensor
     fixed: torch.Tensor
     field: torch.Tensor
-
-
-def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, ceil(H / f), ceil(W / f)), area-averaged (anti-aliased) for power-of-two pyramids."""
-    if factor == 1:
-        return image
-    shape = (-(-image.shape[-2] // factor), -(-image.shape[-1] // factor))
-    return F.interpolate(image, size=shape, mode="area")
 
 
 class PatchPyramidRegistration(LevelNetworks):

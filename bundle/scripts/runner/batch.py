@@ -33,7 +33,7 @@ from ..io.anhir import (
 from ..errors import RegistrationInputError
 from ..evaluate.metrics import PairScores, image_diagonal, score_pair, summarise
 from ..evaluate.quality import QUALITY_COLUMNS
-from ..align.affine import affine_to_field
+from ..frames.fields import affine_to_field
 from .output_lock import OutputFolderLock, OutputFolderLocked
 from ..registration import SlidePairRegistration
 from .sharding import Shard

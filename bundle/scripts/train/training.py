@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.networks.blocks import Warp
@@ -22,8 +23,9 @@ from ..io.anhir import (
 )
 from ..evaluate.metrics import image_diagonal, score_pair
 from ..register.nonrigid import LevelOutput, PatchPyramidRegistration
-from ..prepare.preprocess import PairGeometry, tissue_image, to_working_grid
-from ..align.affine import affine_to_field
+from ..io.slide_image import ArraySlide
+from ..prepare.pair import GEOMETRY, SOURCE, TARGET
+from ..frames.fields import affine_to_field
 from ..registration import SlidePairRegistration
 from ..io.slide_io import read_slide
 
@@ -33,38 +35,37 @@ SYNTHETIC_STAIN_CHANNEL = 0
 
 def training_pairs(
     pairs_csv: str | None,
-    working_size: int,
+    preparation: Callable[[dict], dict],
     initializer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     synthetic: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
     """Unsupervised training items ``{"moving": (1, h, w), "fixed": (1, h, w)}`` on the working grid.
 
+    Every pair goes through ``preparation``, the chain inference prepares its pairs with (``preparation`` in
+    configs/inference.yaml, :mod:`scripts.prepare.pair`), so the networks see the images they will see at inference.
     Real pairs of the cover table are affinely pre-aligned, so the networks learn the nonrigid residual they see at
     inference. With ``synthetic``, every slide of the table and ``skimage.data.immunohistochemistry()`` is also paired
     with itself seen through a single colour channel; the random deformation that makes it a registration problem is
     added by the training transforms. Landmarks are never read.
     """
     items: list[dict[str, torch.Tensor]] = []
-    slides = [immunohistochemistry() / 255.0] if synthetic else []
+    sample = (immunohistochemistry() / 255.0).astype(np.float32)
+    slides = [ArraySlide(sample, 8, "skimage.data.immunohistochemistry")] if synthetic else []
     warp = Warp(mode="bilinear", padding_mode="zeros")
     for row in read_cover_table(pairs_csv)[1] if pairs_csv else []:
         target, source = read_slide(row.path(TARGET_IMAGE)), read_slide(row.path(SOURCE_IMAGE))
-        geometry = PairGeometry.create(target.pixels.shape[:2], source.pixels.shape[:2], working_size)
-        fixed = to_working_grid(tissue_image(target.pixels), geometry)[None]
-        moving = to_working_grid(tissue_image(source.pixels), geometry)[None]
+        prepared = preparation({TARGET: target, SOURCE: source})
+        fixed, moving = prepared["fixed"][None], prepared["moving"][None]
         matrix = initializer(moving, fixed)
-        items.append({"moving": warp(moving, affine_to_field(matrix, geometry.working_shape))[0], "fixed": fixed[0]})
+        initial = affine_to_field(matrix, prepared[GEOMETRY].working_shape)
+        items.append({"moving": warp(moving, initial)[0], "fixed": fixed[0]})
         if synthetic:
-            slides += [target.pixels, source.pixels]
-    for pixels in slides:
-        geometry = PairGeometry.create(pixels.shape[:2], pixels.shape[:2], working_size)
-        channel = pixels[..., SYNTHETIC_STAIN_CHANNEL : SYNTHETIC_STAIN_CHANNEL + 1]
-        items.append(
-            {
-                "moving": to_working_grid(tissue_image(channel), geometry),
-                "fixed": to_working_grid(tissue_image(pixels), geometry),
-            }
-        )
+            slides += [target, source]
+    for slide in slides:
+        channel = slide.pixels[..., SYNTHETIC_STAIN_CHANNEL : SYNTHETIC_STAIN_CHANNEL + 1]
+        stain = ArraySlide(np.ascontiguousarray(channel), slide.bit_depth, slide.path, slide.mpp)
+        prepared = preparation({TARGET: slide, SOURCE: stain})
+        items.append({"moving": prepared["moving"], "fixed": prepared["fixed"]})
     return items
 
 
