@@ -115,8 +115,7 @@ class SlidePairRegistration:
             _require_finite("refinement", field=fields["refinement"])
             timings["refinement"] = self._lap(start)
 
-        identity = torch.eye(2, 3, device=matrix.device, dtype=matrix.dtype)
-        stages = [RegistrationStage("initial", SlideTransform(geometry, identity, torch.zeros_like(initial)), moving)]
+        stages = [initial_stage(geometry, moving)]
         stages += [
             RegistrationStage(name, SlideTransform(geometry, matrix, total), self.warp(moving, total))
             for name, total in fields.items()
@@ -143,6 +142,16 @@ class SlidePairRegistration:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+
+def initial_stage(geometry: PairGeometry, warped: torch.Tensor | None = None) -> RegistrationStage:
+    """The ``initial`` stage of a pair prepared with ``geometry``: padded and resampled onto the common grid only
+    (identity affine, zero field); ``warped``: the (1, 1, h, w) source tissue image on the working grid."""
+    device = "cpu" if warped is None else warped.device
+    identity = SlideTransform(
+        geometry, torch.eye(2, 3, device=device), torch.zeros(1, 2, *geometry.working_shape, device=device)
+    )
+    return RegistrationStage("initial", identity, warped)
 
 
 def _source_scaled_down(
