@@ -31,10 +31,9 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from collections.abc import Sequence
 from enum import IntEnum
 from pathlib import Path
 
