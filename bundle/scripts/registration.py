@@ -37,6 +37,9 @@ class SlidePairRegistration:
             pixels that much finer), the pair is prepared again with the source scaled down by the found scale, as
             for slides whose stated microns per pixel differ, and the affine run again: on the common frame of the
             unscaled slides the target would lose that factor of its resolution (docs/design.md). None: never.
+
+    A registrar (:class:`scripts.stages.Registrar`): returns the stages ``initial``, ``affine``, ``networks`` and,
+    with a refinement, ``refinement`` (:attr:`stage_names`), the last one the result.
     """
 
     def __init__(
