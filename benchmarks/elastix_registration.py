@@ -1,9 +1,10 @@
 """Baseline: register every pair of an ANHIR cover table with elastix (itk-elastix), on the bundle's own inputs.
 
-Both tools see identical images: each slide is read with ``scripts.io.slide_io.read_slide`` and prepared by the
-bundle's own ``preparation`` chain (``configs/inference.yaml``, ``scripts.prepare.pair``: the pair's common working
-grid, long side ``--working_size``, default 1024 px; each slide tissue-checked, reduced to the stain-agnostic tissue
-channel and resampled with Gaussian anti-aliasing onto that grid). Elastix then runs, all of it timed:
+Both tools see identical images: each slide is opened by the runner (``scripts.io.slide_reader.open_slide``) and
+prepared by the bundle's own ``preparation`` chain (``configs/inference.yaml``, ``scripts.prepare.pair``: the pair's
+common working grid, long side ``--working_size``, default 1024 px; each slide tissue-checked, reduced to the
+stain-agnostic tissue channel and resampled with Gaussian anti-aliasing onto that grid). Elastix then runs, all of it
+timed:
 
 1. **Rotation search** (ANHIR pairs can be rotated by any angle and elastix only optimises locally): from each of
    ``--angles`` starting rotations about the tissue centroid (centroids aligned), a cheap rigid (Euler) registration
@@ -29,12 +30,15 @@ to the source landmarks exactly (no inversion). Positions convert between origin
 ``PairGeometry.to_working`` / ``from_working``; the ITK images have spacing 1 and origin 0, so an ITK physical
 point (x, y) is the working pixel (column, row).
 
-Outputs, as ``run inference`` writes them (so ``run evaluate`` scores both alike): ``OUT/registration-results.csv`` =
-the cover columns verbatim + ``Warped source landmarks`` (the B-spline result), ``Warped source landmarks (affine)``
-(the affine stage), ``Warped target landmarks``, ``Warped source image``, ``Displacement field`` (left empty: not
-produced), ``Execution time [minutes]`` (loading included), ``Status``; one folder per pair with the warped
-landmarks, the elastix transform parameter maps and ``registration.json`` (per-stage timings, the search's scores,
-the process's peak RSS so far). A failed pair is recorded in ``Status`` and the run goes on.
+Elastix is a second registrar (:class:`ElastixRegistrar`, ``(source, target) -> PairRegistration`` with the stages
+``initial``, ``affine``, ``bspline``) run by the bundle's own runner (``scripts.runner.BatchRegistration``) with the
+writers that apply to it, so the outputs are written as ``run inference`` writes them (``run evaluate`` scores both
+alike): ``OUT/registration-results.csv`` = the cover columns verbatim + ``Warped source landmarks`` (the B-spline
+result), ``Warped source landmarks (affine)`` (the affine stage), ``Execution time [minutes]`` (loading included),
+``Status``, ``Warnings``, ``Pair folder``; one folder per pair with the warped landmarks, the elastix transform
+parameter maps and ``registration.json`` (per-stage timings, the search's scores, the process's peak RSS so far, the
+landmark scores); ``OUT/registration-summary.json`` (ANHIR aggregates per stage) and ``OUT/elastix-summary.json``
+(the settings and every pair's record). A failed pair is recorded in ``Status`` and the run goes on.
 
 Run from the repository root::
 
@@ -45,12 +49,9 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -65,24 +66,16 @@ if str(BUNDLE) not in sys.path:
 
 import itk
 import torch
-from scripts.runner.batch import RESULT_COLUMNS, WARPED_SOURCE_LANDMARKS_AFFINE
-from scripts.io.anhir import (
-    EXECUTION_TIME,
-    SOURCE_IMAGE,
-    SOURCE_LANDMARKS,
-    STATUS,
-    TARGET_IMAGE,
-    TARGET_LANDMARKS,
-    WARPED_SOURCE_LANDMARKS,
-    PairRow,
-    read_cover_table,
-    read_landmarks,
-    write_landmarks,
-)
-from scripts.errors import RegistrationInputError
 from scripts.frames.fields import resize_long_side
+from scripts.frames.geometry import PairGeometry
+from scripts.io.anhir import read_cover_table
+from scripts.io.slide_image import SlideImage
+from scripts.io.slide_io import atomic_path
+from scripts.outputs.writers import PairOutputs, RegistrationRecord, WarpedSourceLandmarks
 from scripts.prepare import declared_preparation
-from scripts.io.slide_io import atomic_path, read_slide
+from scripts.registration import initial_stage
+from scripts.runner import BatchRegistration
+from scripts.stages import PairRegistration, RegistrationStage
 
 logger = logging.getLogger("elastix_registration")
 
@@ -410,60 +403,38 @@ def warm_up(settings: ElastixSettings) -> None:
     pull_field(method.GetTransformParameterObject(), image)
 
 
-class ElastixBatch:
-    """Registers every pair of a cover table with elastix into ``output_dir``; a failed pair is recorded, the run
-    goes on."""
+class ElastixPoints:
+    """An elastix transform chain as a stage's transform: source level-0 points [X, Y] -> target level-0 points,
+    straight through transformix (fixed = source, moving = target: no inversion).
 
-    def __init__(self, pairs_csv: Path, output_dir: Path, working_size: int, settings: ElastixSettings) -> None:
-        self.columns, self.rows = read_cover_table(pairs_csv)
-        self.output_dir = output_dir
+    Attributes:
+        chain: the transform parameter maps, applied in order.
+        geometry: the pair's original <-> working pixel relation.
+        moving: the target's working-grid ITK image (transformix's reference grid).
+    """
+
+    def __init__(self, chain: itk.ParameterObject, geometry: PairGeometry, moving: IMAGE) -> None:
+        self.chain, self.geometry, self.moving = chain, geometry, moving
+
+    def source_to_target(self, points: np.ndarray) -> np.ndarray:
+        working_xy = self.geometry.to_working(points[:, ::-1], "source")[:, ::-1]
+        moved_xy = transform_points(self.chain, self.moving, working_xy)
+        return self.geometry.from_working(moved_xy[:, ::-1], "target")[:, ::-1]
+
+
+class ElastixRegistrar:
+    """Rotation search, affine and B-spline elastix registration of a pair on the bundle's working grid: a registrar
+    for ``scripts.runner.BatchRegistration`` (``(source, target) -> PairRegistration``)."""
+
+    stage_names = ("initial", "affine", "bspline")
+
+    def __init__(self, working_size: int, settings: ElastixSettings) -> None:
         self.working_size = working_size
         self.preparation = declared_preparation(working_size)
         self.settings = settings
 
-    def run(self) -> dict:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        results, failures, per_pair = [], {}, {}
-        for pair in self.rows:
-            start = time.perf_counter()
-            outputs = {column: "" for column in RESULT_COLUMNS}
-            try:
-                outputs, record = self._register(pair, start)
-                per_pair[pair.name] = record
-                logger.info(f"{pair.name}: OK in {time.perf_counter() - start:.1f} s {record['timings_seconds']}")
-            except Exception as error:  # a batch records the failure and goes on, as run inference does
-                problem = str(error) if isinstance(error, RegistrationInputError) else f"{type(error).__name__}: {error}"
-                outputs[STATUS] = failures[pair.name] = f"failed: {problem}"
-                shutil.rmtree(self.output_dir / pair.name, ignore_errors=True)
-                logger.error(f"{pair.name}: failed: {problem}", exc_info=logger.isEnabledFor(logging.DEBUG))
-            outputs[EXECUTION_TIME] = f"{(time.perf_counter() - start) / 60:.4f}"
-            results.append({**pair.row, **outputs})
-            self._write_results(results)
-        summary = {
-            "tool": "elastix",
-            "itk_elastix": package_version("itk-elastix"),
-            "working_size": self.working_size,
-            "settings": asdict(self.settings),
-            "pairs": len(results),
-            "failed": len(failures),
-            "failures": failures,
-            "peak_rss_mb": peak_rss_mb(),
-            "per_pair": per_pair,
-        }
-        with atomic_path(self.output_dir / "elastix-summary.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2))
-        return summary
-
-    def _register(self, pair: PairRow, started: float) -> tuple[dict[str, str], dict]:
+    def __call__(self, source: SlideImage, target: SlideImage) -> PairRegistration:
         timings = {}
-        target = read_slide(pair.image_path(TARGET_IMAGE))
-        source = read_slide(pair.image_path(SOURCE_IMAGE))
-        source_path, target_path = pair.path(SOURCE_LANDMARKS), pair.path(TARGET_LANDMARKS)
-        source_landmarks = None if source_path is None else read_landmarks(source_path)
-        if target_path is not None:
-            read_landmarks(target_path)  # a broken file fails the pair here, as in run inference
-        timings["loading"] = time.perf_counter() - started
-
         start = time.perf_counter()
         prepared = self.preparation({"target": target, "source": source})
         geometry = prepared["geometry"]
@@ -474,49 +445,63 @@ class ElastixBatch:
         # ANHIR "Warped source landmarks" are; no inversion needed.
         result = register_arrays(source_working, target_working, self.settings)
         timings.update(result.timings)
+        moving = to_itk(target_working)
+        stages = (
+            initial_stage(geometry),
+            RegistrationStage("affine", ElastixPoints(result.affine, geometry, moving)),
+            RegistrationStage("bspline", ElastixPoints(result.bspline, geometry, moving)),
+        )
+        record = {
+            "direction": "fixed = source, moving = target: the transform maps source points into the target",
+            "rotation_search": result.search,
+            "geometry": geometry.to_dict(),
+            "peak_rss_mb_so_far": peak_rss_mb(),
+        }
+        return PairRegistration(stages, timings=timings, record=record)
 
-        start = time.perf_counter()
-        final, staging = self.output_dir / pair.name, self.output_dir / f".{pair.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        outputs = {column: "" for column in RESULT_COLUMNS}
-        outputs[STATUS] = "OK"
-        try:
-            if source_landmarks is not None:
-                moving = to_itk(target_working)
-                working_xy = geometry.to_working(source_landmarks[:, ::-1], "source")[:, ::-1]
-                for column, chain, name in (
-                    (WARPED_SOURCE_LANDMARKS, result.bspline, "warped-source-landmarks.csv"),
-                    (WARPED_SOURCE_LANDMARKS_AFFINE, result.affine, "warped-source-landmarks-affine.csv"),
-                ):
-                    moved_xy = transform_points(chain, moving, working_xy)
-                    points = geometry.from_working(moved_xy[:, ::-1], "target")[:, ::-1]
-                    write_landmarks(staging / name, points)
-                    outputs[column] = f"{pair.name}/{name}"
-            save_chain(result.bspline, staging, "TransformParameters")
-            timings["outputs"] = time.perf_counter() - start
-            record = {
-                "source": str(pair.image_path(SOURCE_IMAGE)),
-                "target": str(pair.image_path(TARGET_IMAGE)),
-                "direction": "fixed = source, moving = target: the transform maps source points into the target",
-                "timings_seconds": timings,
-                "rotation_search": result.search,
-                "geometry": geometry.to_dict(),
-                "peak_rss_mb_so_far": peak_rss_mb(),
-            }
-            (staging / "registration.json").write_text(json.dumps(record, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return outputs, record
 
-    def _write_results(self, results: list[dict[str, str]]) -> None:
-        with atomic_path(self.output_dir / "registration-results.csv") as tmp, tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=[*self.columns, *RESULT_COLUMNS], extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(results)
+class TransformParameterMaps:
+    """``TransformParameters.<i>.txt``: the final stage's elastix chain, one parameter map per file (a writer of
+    ``scripts.outputs.writers``' kind, for elastix's own output)."""
+
+    def columns(self, stage_names: tuple[str, ...]) -> tuple[str, ...]:
+        return ()
+
+    def write(self, outputs: PairOutputs) -> dict[str, str]:
+        save_chain(outputs.result.transform.chain, outputs.folder, "TransformParameters")
+        return {}
+
+
+ELASTIX_WRITERS = (WarpedSourceLandmarks, TransformParameterMaps, RegistrationRecord)
+
+
+def register_table(pairs_csv: Path, output_dir: Path, working_size: int, settings: ElastixSettings) -> dict:
+    """Register every pair of a cover table with elastix into ``output_dir`` (every pair again: no skip); returns the
+    summary written to ``elastix-summary.json``."""
+    runner = BatchRegistration(
+        ElastixRegistrar(working_size, settings), read_cover_table(pairs_csv), output_dir, skip_done=False,
+        writers=[writer() for writer in ELASTIX_WRITERS],
+    )
+    anhir = runner.run()
+    per_pair = {}
+    for pair in runner.rows:
+        record_path = output_dir / pair.name / "registration.json"
+        if pair.name not in anhir["failures"] and record_path.is_file():
+            per_pair[pair.name] = json.loads(record_path.read_text())
+    summary = {
+        "tool": "elastix",
+        "itk_elastix": package_version("itk-elastix"),
+        "working_size": working_size,
+        "settings": asdict(settings),
+        "pairs": anhir["pairs"],
+        "failed": anhir["failed"],
+        "failures": anhir["failures"],
+        "peak_rss_mb": peak_rss_mb(),
+        "per_pair": per_pair,
+    }
+    with atomic_path(output_dir / "elastix-summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def configure_threads(threads: int) -> None:
@@ -550,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     configure_threads(settings.threads)
     warm_up(settings)
-    summary = ElastixBatch(args.pairs_csv, args.output_dir, args.working_size, settings).run()
+    summary = register_table(args.pairs_csv, args.output_dir, args.working_size, settings)
     logger.info(f"{summary['pairs'] - summary['failed']}/{summary['pairs']} pairs registered; "
                 f"peak RSS {summary['peak_rss_mb']:.0f} MB")
     return 0

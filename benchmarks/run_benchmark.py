@@ -58,7 +58,7 @@ TOOLS = {
     "bundle-affine": ("affine-only", "bundle, affine stage only (`--iterations 0 --refine False`)"),
     "bundle-networks": ("networks", "bundle, affine + learned networks, no refinement (`--refine False`)"),
     "bundle-refined-affine": ("refined-affine", "bundle, affine + MI refinement, networks skipped (`--iterations 0`)"),
-    "bundle": ("nonrigid", "bundle, shipped defaults: affine + learned networks + MI refinement"),
+    "bundle": ("refinement", "bundle, shipped defaults: affine + learned networks + MI refinement"),
     "elastix": ("elastix", "elastix (itk-elastix): rotation search + affine + B-spline, Mattes MI, same working grid"),
 }
 

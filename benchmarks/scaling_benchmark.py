@@ -14,7 +14,7 @@ finest level, which the shipped model neither trains nor runs, and this benchmar
 full working resolution), runs one warm-up registration at 1024 px, then registers the pair
 once with ``SlidePairRegistration`` and reports:
 
-- the pipeline's own per-stage seconds (``preprocessing``, ``affine``, ``nonrigid``, ``refinement``);
+- the pipeline's own per-stage seconds (``preprocessing``, ``affine``, ``networks``, ``refinement``);
 - per stage, the peak resident memory during the stage (Linux ``VmHWM``, reset before each stage through
   ``/proc/self/clear_refs``) and its increase over the resident memory when the stage started, after glibc's
   ``malloc_trim`` has returned the memory earlier stages freed (else a stage reusing it would look smaller). The affine
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             timings = record["timings_seconds"]
             print(
-                f"{size} px, group {group_size}: affine {timings['affine']:.1f} s, nonrigid {timings['nonrigid']:.1f} s, "
+                f"{size} px, group {group_size}: affine {timings['affine']:.1f} s, nonrigid {timings['networks']:.1f} s, "
                 f"nonrigid +{record['stages_memory']['nonrigid']['increase_mb']:.0f} MB, "
                 f"peak during registration {record['registration_peak_rss_mb']:.0f} MB",
                 flush=True,
@@ -253,7 +253,7 @@ def render_markdown(record: dict) -> str:
         rows.append(
             [
                 run["working_size"], run["group_size"], " x ".join(map(str, run["working_shape"])),
-                timings["preprocessing"], timings["affine"], timings["nonrigid"], timings["refinement"],
+                timings["preprocessing"], timings["affine"], timings["networks"], timings["refinement"],
                 memory["preprocessing"]["increase_mb"], memory["affine"]["increase_mb"],
                 memory["nonrigid"]["increase_mb"], fields, memory["nonrigid"]["increase_mb"] - fields,
                 memory["refinement"]["increase_mb"], run["rss_before_registration_mb"], run["registration_peak_rss_mb"],

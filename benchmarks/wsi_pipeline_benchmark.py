@@ -72,7 +72,7 @@ JPEG_QUALITY = 80
 SMALLEST_LEVEL = 1000  # px: reduced levels are added while the long side stays at least this
 PAD = 4  # JPG pixels of edge replication around the JPG, so that every tile's box lies inside the image
 APERIO = "Aperio Image Library v12.0.15\r\n{w}x{h} [0,0 {w}x{h}] ({t}x{t}) JPEG/RGB Q={q}|AppMag = 40|MPP = {mpp}"
-TIMED_STAGES = ("loading", "preprocessing", "affine", "nonrigid", "refinement", "quality", "outputs")
+TIMED_STAGES = ("loading", "preprocessing", "affine", "networks", "refinement", "quality", "outputs")
 CSV_COLUMNS = (
     "pair", "size", "target_shape", "source_shape", "target_gpx", "device", "gpu", "working_size", "threads",
     "build_s", "wall_s", *(f"{stage}_s" for stage in TIMED_STAGES), "registration_s", "peak_rss_mb",
@@ -249,7 +249,8 @@ def row_of(pair: str, size: str, built: dict, run: dict, device: str, gpu: str |
     record = run["record"] or {}
     timings = record.get("timings_seconds", {})
     scores = record.get("landmark_scores") or {}
-    rtre, affine_rtre = (scores.get(stage, {}).get("rtre_median") for stage in ("nonrigid", "affine"))
+    final = list(scores)[-1] if scores else "refinement"  # the last stage is the result
+    rtre, affine_rtre = (scores.get(stage, {}).get("rtre_median") for stage in (final, "affine"))
     levels, level0 = warped_pyramid(Path(run["pair_folder"])) if run["pair_folder"] else (None, None)
     target_shape = built["target_shape"]
     return {
@@ -313,7 +314,7 @@ def fragment(rows: list[dict], commands: list[str], device: str, gpu: str | None
         wall = cell(row["wall_s"])
         table.append([row["pair"], row["size"], row["target_shape"], cell(row["build_s"]), wall,
                       cell(row["loading_s"]), cell(row["preprocessing_s"]), cell(row["affine_s"]),
-                      cell(row["nonrigid_s"]), cell(row["refinement_s"]), cell(row["registration_s"]),
+                      cell(row["networks_s"]), cell(row["refinement_s"]), cell(row["registration_s"]),
                       cell(row["outputs_s"]),
                       wall / gpx if row["size"] != "jpg" and wall and gpx else None, cell(row["peak_rss_mb"]),
                       cell(row.get("affine_rtre_median")), cell(row.get("affine_rtre_minus_jpg")),

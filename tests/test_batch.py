@@ -34,7 +34,7 @@ from scripts.io import read_cover_table
 from scripts.register import PatchPyramidRegistration, load_weights
 from scripts.runner import BatchRegistration, select_pairs
 from scripts.frames.fields import affine_to_field
-from scripts.runner.batch import RESULT_COLUMNS, STAGES, ExitCode
+from scripts.runner.batch import RUNNER_COLUMNS, ExitCode
 from scripts.runner.output_lock import LOCK_FILE, OutputFolderLock, OutputFolderLocked
 from scripts.io.anhir import (
     MAX_FOLDER_NAME_BYTES,
@@ -63,7 +63,15 @@ WORKING_SIZE = 256
 # White margin added to the source (rows, columns) before downscaling, so that the two slides differ in shape.
 SOURCE_MARGIN = (60, 90)
 OUTPUT_SCALE = 0.15  # of the networks' output layer: displacements of about a pixel, smooth enough to invert
-TIMINGS = {"loading", "preprocessing", "affine", "nonrigid", "quality", "outputs"}
+TIMINGS = {"loading", "preprocessing", "affine", "networks", "quality", "outputs"}
+STAGES = ("initial", "affine", "networks")  # of the registration fixture: no refinement
+# the writers' columns of the default writers for STAGES, in their order: the six that name a file of every good pair
+# first, then the annotations'
+OUTPUT_COLUMNS = (
+    "Warped source landmarks", "Warped source landmarks (affine)", "Warped target landmarks", "Warped source image",
+    "Displacement field", "ITK displacement field",
+)
+RESULT_COLUMNS = (*OUTPUT_COLUMNS, "Warped source annotations", "Warped target annotations", *RUNNER_COLUMNS)
 PANELS = {f"{kind}-{stage}.png" for kind in ("checkerboard", "overlay") for stage in STAGES}
 
 
@@ -190,7 +198,9 @@ def batch(inputs: SimpleNamespace, registration: SlidePairRegistration, tmp_path
         warnings.simplefilter("always")
         summary = BatchRegistration(registration, read_cover_table(inputs.table), out).run()
     name = "0_source_to_target"
-    return SimpleNamespace(out=out, summary=summary, hashes=hashes, name=name, pair=out / name, warnings=caught)
+    return SimpleNamespace(
+        out=out, summary=summary, hashes=hashes, name=name, pair=out / name, warnings=caught, registration=registration
+    )
 
 
 # --- 1. a batch with bad rows --------------------------------------------------------------------------------------
@@ -199,6 +209,7 @@ def batch(inputs: SimpleNamespace, registration: SlidePairRegistration, tmp_path
 def test_batch_records_every_row_and_goes_on_after_failures(inputs, batch):
     columns, rows = _read_csv(batch.out / "registration-results.csv")
     assert columns == [*inputs.columns, *RESULT_COLUMNS]
+    assert tuple(BatchRegistration(batch.registration, ([], []), batch.out).result_columns) == RESULT_COLUMNS
     _, table = _read_csv(inputs.table)
     assert len(rows) == len(table) == 6
     for row, given in zip(rows, table):  # in order, the input columns as the table had them
@@ -212,14 +223,14 @@ def test_batch_records_every_row_and_goes_on_after_failures(inputs, batch):
     assert good["Warped source landmarks"] == f"{batch.name}/warped-source-landmarks.csv"
     assert good["Warped target landmarks"] == f"{batch.name}/warped-target-landmarks.csv"
     assert good["Warped source landmarks (affine)"] == f"{batch.name}/warped-source-landmarks-affine.csv"
-    for column in RESULT_COLUMNS[:6]:
+    for column in OUTPUT_COLUMNS:
         assert (batch.out / good[column]).is_file(), column
     assert 0 < float(good["Execution time [minutes]"]) < 10
 
     for index, (path, problem) in inputs.failures.items():
         status = rows[index]["Status"]
         assert status.startswith(f"failed: {path}: {problem}"), status
-        assert [rows[index][column] for column in RESULT_COLUMNS[:6]] == [""] * 6  # no output paths
+        assert [rows[index][column] for column in OUTPUT_COLUMNS] == [""] * 6  # no output paths
         assert float(rows[index]["Execution time [minutes]"]) >= 0
 
     # only the good pair got a folder; no hidden staging or retired folder, no temporary file is left
@@ -301,7 +312,7 @@ def test_warped_landmark_files(inputs, batch):
     record = json.loads((batch.pair / "registration.json").read_text())
     diagonal = np.hypot(*inputs.target_shape[:2])
     rtre = np.linalg.norm(warped_source - inputs.target_landmarks, axis=1) / diagonal
-    assert record["landmark_scores"]["nonrigid"]["rtre_median"] == pytest.approx(np.median(rtre), abs=1e-5)
+    assert record["landmark_scores"]["networks"]["rtre_median"] == pytest.approx(np.median(rtre), abs=1e-5)
     scores = record["landmark_scores"]
     # the affine stage's file holds the landmarks its scores were computed from
     warped_affine = read_landmarks(batch.pair / "warped-source-landmarks-affine.csv")
@@ -341,7 +352,7 @@ def test_stage_panels_and_registration_record(inputs, batch):
             assert image.mode == "RGB" and image.size[::-1] == working
             overlays[stage] = np.asarray(image)
     # magenta = target in every stage; green = the source as each stage left it
-    np.testing.assert_array_equal(overlays["initial"][..., 0], overlays["nonrigid"][..., 0])
+    np.testing.assert_array_equal(overlays["initial"][..., 0], overlays["networks"][..., 0])
     assert not np.array_equal(overlays["initial"][..., 1], overlays["affine"][..., 1])
 
     assert set(record["timings_seconds"]) == TIMINGS
@@ -366,7 +377,7 @@ def test_mismatched_landmark_counts_warn_for_each_pair_by_name(inputs, registrat
     message = "78 source landmarks vs 76 target landmarks: pairing the first 76 by row order"
     rows = _rows_of(tmp_path / "out" / "registration-results.csv")
     assert [row["Status"] for row in rows] == ["OK", "OK"]
-    assert summary["failed"] == 0 and summary["stages"]["nonrigid"]["pairs"] == 2
+    assert summary["failed"] == 0 and summary["stages"]["networks"]["pairs"] == 2
     for row in rows:  # every pair, not only the first of the process, says it and names itself
         assert row["Warnings"] == message
         record = json.loads((tmp_path / "out" / row["Pair folder"] / "registration.json").read_text())
@@ -654,8 +665,10 @@ def test_a_run_into_a_folder_keeps_the_rows_of_other_pairs(inputs, batch, tmp_pa
     summary = runner.run()
     assert runner.exit_code == ExitCode.PAIR_FAILED  # this run's pair failed
     columns, rows = _read_csv(out / "registration-results.csv")
+    # a registrar of unknown stages: the earlier run's stage column is kept as one of its own
+    stage_column = "Warped source landmarks (affine)"
     assert columns == [TARGET_IMAGE, SOURCE_IMAGE, "Stain", TARGET_LANDMARKS, SOURCE_LANDMARKS, "Tissue", "Note",
-                       *RESULT_COLUMNS]
+                       stage_column, *(column for column in RESULT_COLUMNS if column != stage_column)]
     assert len(rows) == 7
     for old, kept in zip(before, rows):
         assert {column: kept[column] for column in old} == old
@@ -664,7 +677,7 @@ def test_a_run_into_a_folder_keeps_the_rows_of_other_pairs(inputs, batch, tmp_pa
     # the summary covers the whole table: the earlier run's pair and failures, and this one's failure
     assert summary == json.loads((out / "registration-summary.json").read_text())
     assert summary["pairs"] == 7 and summary["failed"] == 6 and "0_elsewhere_to_t" in summary["failures"]
-    assert list(summary["per_pair"]) == [batch.name] and summary["stages"]["nonrigid"]["pairs"] == 1
+    assert list(summary["per_pair"]) == [batch.name] and summary["stages"]["networks"]["pairs"] == 1
     assert summary["per_pair"] == batch.summary["per_pair"]
     assert _hashes(out / batch.name) == _hashes(batch.pair)
 

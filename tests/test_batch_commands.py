@@ -83,13 +83,13 @@ STALLED_RUN = """
 import sys, time
 from pathlib import Path
 import monai.bundle
-import scripts.runner.batch
+import scripts.outputs.writers
 
 marker, source, target, out = sys.argv[1:]
 def stalled(staging, *args):
     Path(marker).write_text(str(staging))
     time.sleep(120)
-scripts.runner.batch.save_stage_panels = stalled
+scripts.outputs.writers.save_stage_panels = stalled
 monai.bundle.run(
     "inference", config_file="configs/inference.yaml", working_size=256, refine=False,
     source=source, target=target, output_dir=out,

@@ -127,7 +127,7 @@ def _refinement_never_called(moving, fixed, field):
 @pytest.mark.parametrize(
     "bias, matrix, problem",
     [
-        (float("nan"), IDENTITY, "the nonrigid stage produced a non-finite field (NaN or inf)"),
+        (float("nan"), IDENTITY, "the networks stage produced a non-finite field (NaN or inf)"),
         (0.0, IDENTITY + torch.tensor([[0.0, 0.0, float("nan")], [0.0, 0.0, 0.0]]), "the affine stage produced a "
          "non-finite matrix"),
     ],
@@ -147,4 +147,5 @@ def test_non_finite_stage_fails_the_pair_and_the_batch_goes_on(pair, tmp_path, b
 def test_finite_stages_pass(pair):
     source, target = pair
     result = _registration(0.0, refinement=lambda moving, fixed, field: field)(read_slide(source), read_slide(target))
-    assert torch.isfinite(result.transform.field).all() and set(result.timings) >= {"affine", "nonrigid", "refinement"}
+    assert torch.isfinite(result.transform.field).all() and set(result.timings) >= {"affine", "networks", "refinement"}
+    assert [stage.name for stage in result.stages] == ["initial", "affine", "networks", "refinement"]

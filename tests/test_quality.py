@@ -69,13 +69,13 @@ def test_measure_scores_each_stage_of_a_known_deformation(tissue):
     moving = Warp(mode="bilinear", padding_mode="zeros")(tissue, -shift.expand(1, 2, *tissue.shape[-2:]))
     truth = shift.expand(1, 2, *tissue.shape[-2:])
     noise = truth + 3 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(0))
-    quality = RegistrationQuality.measure(moving, tissue, {"affine": truth, "nonrigid": noise})
-    assert list(quality.similarity) == ["initial", "affine", "nonrigid"]
+    quality = RegistrationQuality.measure(moving, tissue, {"affine": truth, "refinement": noise})
+    assert list(quality.similarity) == ["initial", "affine", "refinement"]
     assert quality.similarity["affine"]["ncc"] > 0.99 > quality.similarity["initial"]["ncc"]
     assert quality.tissue_dice["affine"] > 0.97 > quality.tissue_dice["initial"]
     assert quality.folded_share > 0.2
     assert quality.status().startswith("warning: ") and "folded" in quality.status()
-    aligned = RegistrationQuality.measure(moving, tissue, {"affine": truth, "nonrigid": truth})
+    aligned = RegistrationQuality.measure(moving, tissue, {"affine": truth, "refinement": truth})
     assert aligned.folded_share == 0.0 and aligned.status() == "OK"
 
 
@@ -107,5 +107,5 @@ def test_batch_marks_an_implausible_registration_and_goes_on(tmp_path):
         assert all(float(row[column]) >= 0 for column in QUALITY_COLUMNS)
         record = json.loads((out / row["Displacement field"]).with_name("registration.json").read_text())
         assert record["quality"]["status"] == row["Status"]
-        assert list(record["quality"]["tissue_dice"]) == ["initial", "affine", "networks", "nonrigid"]
+        assert list(record["quality"]["tissue_dice"]) == ["initial", "affine", "networks", "refinement"]
     assert float(good["Tissue MI"]) > 2 * float(mirrored["Tissue MI"])

@@ -1,4 +1,4 @@
-"""Register one slide pair: preprocessing, affine initial alignment, then the nonrigid engine."""
+"""Register one slide pair: preprocessing, affine initial alignment, the networks, then the optional refinement."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from monai.networks.blocks import Warp
@@ -19,28 +18,9 @@ from .prepare.pair import GEOMETRY, SOURCE, SOURCE_SCALE, TARGET, WORKING_IMAGE_
 from .evaluate.quality import RegistrationQuality
 from .io.slide_image import SlideImage
 from .outputs.transform import SlideTransform
+from .stages import PairRegistration, RegistrationStage
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PairRegistration:
-    """Everything one registration produced.
-
-    Attributes:
-        transform: the target -> source mapping (affine and nonrigid composed).
-        fixed: (1, 1, h, w) target tissue image on the working grid.
-        stages: (1, 1, h, w) source tissue image on the working grid after each stage: "initial" (padded and resampled
-            only), "affine" and "nonrigid".
-        timings: seconds per stage.
-        quality: similarity per stage, folded pixels and tissue overlap (:mod:`scripts.evaluate.quality`).
-    """
-
-    transform: SlideTransform
-    fixed: torch.Tensor
-    stages: dict[str, torch.Tensor]
-    timings: dict[str, float] = field(default_factory=dict)
-    quality: RegistrationQuality | None = None
 
 
 class SlidePairRegistration:
@@ -55,11 +35,14 @@ class SlidePairRegistration:
             for ``working_size``.
         device: where the images, fields and networks live.
         refinement: optional per-pair refinement of the networks' field, ``(moving, fixed, field) -> field`` (e.g.
-            :class:`MutualInformationRefinement`); its result is the "nonrigid" stage.
+            :class:`MutualInformationRefinement`); its result is the "refinement" stage. None: no such stage.
         rescale_above: when the affine finds the source's tissue this many times larger than the target's (its
             pixels that much finer), the pair is prepared again with the source scaled down by the found scale, as
             for slides whose stated microns per pixel differ, and the affine run again: on the common frame of the
             unscaled slides the target would lose that factor of its resolution (docs/design.md). None: never.
+
+    A registrar (:class:`scripts.stages.Registrar`): returns the stages ``initial``, ``affine``, ``networks`` and,
+    with a refinement, ``refinement`` (:attr:`stage_names`), the last one the result.
     """
 
     def __init__(
@@ -73,8 +56,8 @@ class SlidePairRegistration:
         preparation: Callable[[dict], dict] | None = None,
     ) -> None:
         self.device = torch.device(device)
-        # channels-last convolutions run the U-Nets about 1.25x faster on CPU (measured, benchmarks/); on a GPU the
-        # layout is left to PyTorch
+        # channels-last convolutions run the U-Nets faster on CPU (docs/design.md, "Measurements moved from code
+        # comments"); on a GPU the layout is left to PyTorch
         layout = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
         self.nonrigid = nonrigid.to(self.device, memory_format=layout).eval()
         self.initializer = initializer
@@ -83,8 +66,9 @@ class SlidePairRegistration:
         self.refinement = refinement
         self.rescale_above = rescale_above
         self.warp = Warp(mode="bilinear", padding_mode="zeros")  # zeros = background outside the tissue image
-        # torch.optim imports torch._dynamo when it builds its first optimiser (0.5-1 s once per process); importing it
-        # here puts that one-off in the start-up, with the model loading, instead of in the first pair's affine stage
+        self.stage_names = ("initial", "affine", "networks", *(("refinement",) if refinement is not None else ()))
+        # torch.optim imports torch._dynamo when it builds its first optimiser (a one-off per process, docs/design.md);
+        # importing it here puts that in the start-up, with the model loading, instead of in the first pair's affine
         importlib.import_module("torch._dynamo")
 
     @torch.inference_mode()
@@ -122,28 +106,27 @@ class SlidePairRegistration:
         timings["affine"] = self._lap(start)
 
         start = time.perf_counter()
-        total = self.nonrigid(moving, fixed, initial)
-        _require_finite("nonrigid", field=total)  # before the refinement, whose grid_sample crashes on NaN
-        timings["nonrigid"] = self._lap(start)
-        networks = total
+        fields = {"affine": initial}
+        fields["networks"] = self.nonrigid(moving, fixed, initial)
+        _require_finite("networks", field=fields["networks"])  # before the refinement, whose grid_sample crashes on NaN
+        timings["networks"] = self._lap(start)
 
         if self.refinement is not None:
             start = time.perf_counter()
-            total = self.refinement(moving, fixed, total)
-            _require_finite("refinement", field=total)
+            fields["refinement"] = self.refinement(moving, fixed, fields["networks"])
+            _require_finite("refinement", field=fields["refinement"])
             timings["refinement"] = self._lap(start)
 
-        stages = {
-            "initial": moving,
-            "affine": self.warp(moving, initial),
-            "nonrigid": self.warp(moving, total),
-        }
+        stages = [initial_stage(geometry, moving)]
+        stages += [
+            RegistrationStage(name, SlideTransform(geometry, matrix, total), self.warp(moving, total))
+            for name, total in fields.items()
+        ]
         start = time.perf_counter()
-        # the networks' own result as well, when the refinement follows them
-        networks_stage = {"networks": networks} if self.refinement is not None else {}
-        quality = RegistrationQuality.measure(moving, fixed, {"affine": initial, **networks_stage, "nonrigid": total})
+        quality = RegistrationQuality.measure(moving, fixed, fields)
         timings["quality"] = self._lap(start)
-        return PairRegistration(SlideTransform(geometry, matrix, total), fixed, stages, timings, quality)
+        record = {"affine_working_pixels": matrix.cpu().tolist(), "geometry": geometry.to_dict()}
+        return PairRegistration(tuple(stages), fixed, timings, quality, record)
 
     def _prepare(self, pair: dict) -> tuple[PairGeometry, torch.Tensor, torch.Tensor]:
         """The pair through :attr:`preparation`: its geometry and the (1, 1, h, w) target and source tissue images
@@ -159,6 +142,16 @@ class SlidePairRegistration:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+
+def initial_stage(geometry: PairGeometry, warped: torch.Tensor | None = None) -> RegistrationStage:
+    """The ``initial`` stage of a pair prepared with ``geometry``: padded and resampled onto the common grid only
+    (identity affine, zero field); ``warped``: the (1, 1, h, w) source tissue image on the working grid."""
+    device = "cpu" if warped is None else warped.device
+    identity = SlideTransform(
+        geometry, torch.eye(2, 3, device=device), torch.zeros(1, 2, *geometry.working_shape, device=device)
+    )
+    return RegistrationStage("initial", identity, warped)
 
 
 def _require_finite(stage: str, **tensors: torch.Tensor) -> None:

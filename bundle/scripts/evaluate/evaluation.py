@@ -104,11 +104,11 @@ class ResultsEvaluation:
         pairs_csv: the ANHIR / BIRL cover table; its paths are relative to its folder (or absolute).
         results_csv: the results table; its warped-landmark paths are relative to its folder (or absolute).
         output_dir: where the evaluation goes; created if needed.
-        final_stage: label of the results table's final stage, e.g. ``nonrigid`` for this bundle, ``elastix``.
+        final_stage: label of the results table's final stage, e.g. ``refinement`` for this bundle, ``elastix``.
     """
 
     def __init__(
-        self, pairs_csv: str | Path, results_csv: str | Path, output_dir: str | Path, final_stage: str = "nonrigid"
+        self, pairs_csv: str | Path, results_csv: str | Path, output_dir: str | Path, final_stage: str = "refinement"
     ) -> None:
         final_stage = str(final_stage)  # the command line may hand over a number
         if not final_stage or final_stage == INITIAL:

@@ -112,8 +112,9 @@ class RegistrationQuality:
     """Quality figures of one registration.
 
     Attributes:
-        similarity: per stage (``initial``, ``affine``, ``networks`` when a refinement follows them, ``nonrigid``),
-            ``{"ncc": ..., "mi": ...}`` of the target and the source as that stage leaves it.
+        similarity: per stage of the registration (:class:`scripts.stages.RegistrationStage` names: ``initial``,
+            ``affine``, ``networks``, ``refinement`` when enabled), ``{"ncc": ..., "mi": ...}`` of the target and the
+            source as that stage leaves it; the last stage is the result.
         tissue_dice: per stage, the Dice of the tissue masks.
         tissue_information: per stage, the mutual information above chance where both show tissue (nats).
         folded_share: share of the working grid where the final field folds (Jacobian determinant <= 0).
@@ -129,7 +130,8 @@ class RegistrationQuality:
         cls, moving: torch.Tensor, fixed: torch.Tensor, fields: dict[str, torch.Tensor]
     ) -> RegistrationQuality:
         """Figures of the (1, 1, h, w) ``moving`` source against ``fixed``, unwarped (stage ``initial``) and pulled
-        through each stage's (1, 2, h, w) field (``fields``, in stage order, the last one the final result)."""
+        through each stage's (1, 2, h, w) field (``fields``, keyed by stage name in stage order, the last one the
+        result)."""
         step = SAMPLE_STEP
         positions = identity_grid(tuple(-(-n // step) for n in fixed.shape[-2:]), fixed.device) * step
         stages = {"initial": moving[..., ::step, ::step]}

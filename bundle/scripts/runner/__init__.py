@@ -1,4 +1,5 @@
-"""Run: `run inference` over a cover table (per-pair failures recorded, atomic pair folders, one run per folder, torchrun shards) and `run apply`."""
+"""Run: one registrar over a cover table, its outputs written by the configured writers (per-pair failures recorded,
+atomic pair folders, one run per folder, torchrun shards; `run inference`, the elastix baseline), and `run apply`."""
 
 from .apply import ApplyRegistration
 from .batch import BatchRegistration

@@ -1,4 +1,19 @@
-"""`run inference`: register every pair of a cover table and write the outputs a user needs, pair by pair."""
+"""The runner: one registrar over every pair of a cover table, each pair's outputs written by the configured writers.
+
+`run inference` runs :class:`scripts.SlidePairRegistration` through it, ``benchmarks/elastix_registration.py`` its
+elastix registrar: any ``(source, target) -> PairRegistration`` (:class:`scripts.stages.Registrar`). The runner owns
+the batch (per-pair failure recording, the staging folder published atomically, the output folder's lock, `torchrun`
+shards, skip_done, the merged results table, the summary, the exit codes); the outputs are the writers'
+(:mod:`scripts.outputs.writers`), each owning its files and results columns.
+
+Why not MONAI's shape (Model Zoo ``mednist_reg``: an Ignite ``SupervisedEvaluator`` over a data loader, its
+``postprocessing`` ``SaveImaged`` transforms writing the outputs): an Ignite engine stops the run on a pair's
+exception, where a batch must record the failure, name the file at fault and go on; a pair's outputs must appear
+whole or not at all (a staging folder renamed into place, no per-file writes into the output folder); whole slides are
+opened lazily, one pair at a time, not collated into batches by a data loader; and the skip of pairs done, the merge
+with an earlier table, the lock and the shards' gather have no counterpart in an evaluator. The writers keep the
+handlers' shape: small classes, one output each, listed in the config.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +31,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from enum import IntEnum
@@ -24,45 +39,31 @@ from pathlib import Path
 
 import numpy as np
 
-from ..outputs.annotations import map_geojson
-from ..io.anhir import (
-    EXECUTION_TIME, SOURCE_ANNOTATIONS, SOURCE_IMAGE, SOURCE_LANDMARKS, STATUS, TARGET_ANNOTATIONS, TARGET_IMAGE,
-    TARGET_LANDMARKS, WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS, PairRow, read_csv_table, read_landmarks,
-    write_landmarks,
-)
 from ..errors import RegistrationInputError
-from ..evaluate.metrics import PairScores, image_diagonal, score_pair, summarise
+from ..evaluate.metrics import PairScores, summarise
 from ..evaluate.quality import QUALITY_COLUMNS
-from ..frames.fields import affine_to_field
-from .output_lock import OutputFolderLock, OutputFolderLocked
-from ..registration import SlidePairRegistration
-from .sharding import Shard
-from ..io.slide_io import atomic_path, write_slide
+from ..io.anhir import (
+    EXECUTION_TIME, SOURCE_IMAGE, SOURCE_LANDMARKS, STATUS, TARGET_IMAGE, TARGET_LANDMARKS, PairRow, read_csv_table,
+    read_landmarks,
+)
+from ..io.slide_io import atomic_path
 from ..io.slide_reader import open_slide
-from ..outputs.transform import SlideTransform
+from ..outputs.transform import REGISTRATION_RECORD
+from ..outputs.writers import PairOutputs, PairWriter, default_writers
+from ..stages import Registrar
 from ..usage import USAGE_EXIT_STATUS
-from ..outputs.visualise import save_stage_panels
+from .output_lock import OutputFolderLock, OutputFolderLocked
+from .sharding import Shard
 
 logger = logging.getLogger(__name__)
 
-# An intermediate stage's landmarks, in the `Warped source landmarks (<stage>)` form that `run evaluate` scores.
-WARPED_SOURCE_LANDMARKS_AFFINE = "Warped source landmarks (affine)"
-WARPED_SOURCE_IMAGE = "Warped source image"
-DISPLACEMENT_FIELD = "Displacement field"
-ITK_DISPLACEMENT_FIELD = "ITK displacement field"
-# the source's annotations in the target's frame, and the target's in the source's (GeoJSON)
-WARPED_SOURCE_ANNOTATIONS = "Warped source annotations"
-WARPED_TARGET_ANNOTATIONS = "Warped target annotations"
 WARNINGS = "Warnings"  # the warnings raised while registering the pair, "; "-separated
 PAIR_FOLDER = "Pair folder"  # the pair's folder name: what identifies a row when a rerun merges the table
-RESULT_COLUMNS = (
-    WARPED_SOURCE_LANDMARKS, WARPED_TARGET_LANDMARKS, WARPED_SOURCE_LANDMARKS_AFFINE, WARPED_SOURCE_IMAGE,
-    DISPLACEMENT_FIELD, ITK_DISPLACEMENT_FIELD, EXECUTION_TIME, STATUS, WARNINGS, PAIR_FOLDER, *QUALITY_COLUMNS,
-    WARPED_SOURCE_ANNOTATIONS, WARPED_TARGET_ANNOTATIONS,
-)
-STAGES = ("initial", "affine", "nonrigid")
-# long side (px) of a target above which the warped source is a tiled pyramidal OME-TIFF rather than one flat image
-PYRAMID_ABOVE = 8192
+# the runner's own columns, after the writers'
+RUNNER_COLUMNS = (EXECUTION_TIME, STATUS, WARNINGS, PAIR_FOLDER, *QUALITY_COLUMNS)
+# what earlier versions called the final stage in registration.json's landmark_scores: the refinement's result, or
+# the networks' where the run had no refinement (its timings tell which)
+OLD_FINAL_STAGE = "nonrigid"
 RESULTS_TABLE = "registration-results.csv"
 SUMMARY = "registration-summary.json"
 # Hidden folders of a run: ``.<pair>.<run token>.partial`` (being written), ``.<pair>.<run token>.old`` (replaced).
@@ -111,11 +112,11 @@ def sigterm_raises() -> Iterator[None]:
 class BatchRegistration:
     """Registers the pairs of a cover table into ``output_dir``; a failed pair is recorded and the run goes on.
 
-    Per pair, ``<output_dir>/<pair name>/`` receives the warped source (target's original grid, colour, source's bit
-    depth), the displacement field (NIfTI, ITK .mha, JSON), the warped landmarks and annotations (GeoJSON) when given,
-    checkerboard and overlay PNGs of each stage and ``registration.json`` (timings, affine, landmark scores, the
-    inputs, the warnings raised). The pair folder is assembled under a hidden name unique to the run and renamed
-    into place, so it is either complete or absent. Beside them: ``registration-results.csv`` (the cover table plus
+    Per pair, ``<output_dir>/<pair name>/`` receives what the ``writers`` write (by default, as
+    ``configs/inference.yaml`` lists them: the warped source, the displacement field as NIfTI and ITK .mha, the warped
+    landmarks per stage and annotations when given, checkerboard and overlay PNGs of each stage and
+    ``registration.json``). The pair folder is assembled under a hidden name unique to the run and renamed into
+    place, so it is either complete or absent. Beside them: ``registration-results.csv`` (the cover table plus
     the result columns, rewritten after every pair) and ``registration-summary.json`` (ANHIR aggregates per stage).
 
     One run at a time writes into a folder (:class:`scripts.runner.output_lock.OutputFolderLock`). A run into a folder that
@@ -124,34 +125,42 @@ class BatchRegistration:
     share of the rows (:class:`scripts.runner.sharding.Shard`) and rank 0 writes the table and summary of all of them.
 
     Args:
-        registration: the configured pair registration (networks loaded).
-        pairs: column names and rows, as from :func:`scripts.io.cover_table.select_pairs`.
+        registration: the registrar (:class:`scripts.stages.Registrar`), e.g. the configured
+            :class:`scripts.SlidePairRegistration` with its networks loaded.
+        pairs: column names and rows, as from :func:`scripts.runner.pairs.select_pairs`.
         output_dir: where results go; created if needed. Inputs are only read.
         skip_done: leave a pair whose folder is complete, from the same input paths, as it is (so that an
-            interrupted batch resumes where it stopped); False registers every pair again.
-        pyramid_above: targets whose long side exceeds this (px) get ``warped-source.ome.tiff``, a tiled pyramidal
-            OME-TIFF written tile by tile, instead of the flat PNG/TIFF; 0 for always.
-        output_level: the warped source's grid is the target's level 0 halved this many times.
+            interrupted batch resumes where it stopped); False registers every pair again. Needs the
+            :class:`scripts.outputs.writers.RegistrationRecord` writer, whose file records the inputs.
+        writers: the outputs of each pair, in order (:mod:`scripts.outputs.writers`); None: all of them.
     """
 
     def __init__(
         self,
-        registration: SlidePairRegistration,
+        registration: Registrar | None,
         pairs: tuple[list[str], list[PairRow]],
         output_dir: str | Path,
         skip_done: bool = True,
-        pyramid_above: int = PYRAMID_ABOVE,
-        output_level: int = 0,
+        writers: Sequence[PairWriter] | None = None,
     ) -> None:
         self.registration = registration
         self.columns, self.rows = pairs
         self.output_dir = Path(output_dir)
         self.skip_done = skip_done
-        self.pyramid_above = pyramid_above
-        self.output_level = output_level
+        self.writers = default_writers() if writers is None else list(writers)
         self.exit_code = ExitCode.OK  # of the last run
         self._token = secrets.token_hex(4)  # this run's staging and retired folder names
-        self._current: tuple[PairRow, list[warnings.WarningMessage]] | None = None  # the pair being registered
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The registrar's stages, in order (none known without a registrar)."""
+        return tuple(getattr(self.registration, "stage_names", ()))
+
+    @property
+    def result_columns(self) -> tuple[str, ...]:
+        """The columns the results table adds to the cover table's: the writers', in their order, then the runner's."""
+        columns = [column for writer in self.writers for column in writer.columns(self.stage_names)]
+        return tuple(dict.fromkeys([*columns, *RUNNER_COLUMNS]))
 
     def run_and_exit(self) -> dict:
         """`run inference`'s entry point: :meth:`run`, then end the process with :class:`ExitCode` if not 0.
@@ -234,15 +243,16 @@ class BatchRegistration:
     def _register_row(self, pair: PairRow, progress: str) -> dict[str, str]:
         """Register one pair; its results row (the table's row plus the result columns), failed or not."""
         start = time.perf_counter()
-        outputs = {column: "" for column in RESULT_COLUMNS}
+        outputs = {column: "" for column in self.result_columns}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)  # each pair gets its own, not once per process
-            self._current = (pair, caught)
             try:
-                outputs, pair_scores = self._register(pair)
+                cells, scores = self._register(pair, caught)
+                outputs.update(cells)
+                final = next(reversed(scores.values()), None)
                 logger.info(
                     f"{progress}: {outputs[STATUS]} in {time.perf_counter() - start:.1f} s"
-                    + (f", median rTRE {pair_scores['nonrigid'].rtre_median:.5f}" if pair_scores else "")
+                    + (f", median rTRE {final['rtre_median']:.5f}" if final else "")
                 )
             except Exception as error:  # a batch records the failure and goes on to the next pair
                 outputs[STATUS] = f"failed: {describe_error(error, self.output_dir)}"
@@ -250,8 +260,6 @@ class BatchRegistration:
                 shutil.rmtree(self.output_dir / pair.name, ignore_errors=True)
                 logger.error(f"{progress}: {outputs[STATUS]}")
                 logger.debug("traceback", exc_info=True)
-            finally:
-                self._current = None
         messages = _messages(caught)
         for message in messages:
             logger.warning(f"{pair.name}: {message}")
@@ -293,7 +301,7 @@ class BatchRegistration:
     def _record(self, folder: str) -> dict | None:
         """The ``registration.json`` of a pair folder in ``output_dir``, or None if there is none to read."""
         try:
-            return json.loads((self.output_dir / folder / "registration.json").read_text())
+            return json.loads((self.output_dir / folder / REGISTRATION_RECORD).read_text())
         except (OSError, ValueError):
             return None
 
@@ -317,131 +325,46 @@ class BatchRegistration:
         record = self._record(pair.name)
         return record is not None and record.get("inputs") == pair.inputs()
 
-    def _register(self, pair: PairRow) -> tuple[dict[str, str], dict[str, PairScores]]:
+    def _register(
+        self, pair: PairRow, caught: list[warnings.WarningMessage]
+    ) -> tuple[dict[str, str], dict[str, dict]]:
+        """Register ``pair`` and publish its folder; its results cells and its landmark scores per stage."""
         started = time.perf_counter()
         target = open_slide(pair.image_path(TARGET_IMAGE))
         source = open_slide(pair.image_path(SOURCE_IMAGE))
-        target_landmarks = self._landmarks(pair, TARGET_LANDMARKS)
-        source_landmarks = self._landmarks(pair, SOURCE_LANDMARKS)
-        loading = time.perf_counter() - started
-
-        result = self.registration(source, target)
-        transform = result.transform
-        timings = {"loading": loading, **result.timings}
-
-        final = self.output_dir / pair.name
-        staging = self._staging(pair)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
         try:
-            started = time.perf_counter()
-            suffix = ".png" if source.bit_depth == 8 else ".tif"
-            if max(transform.geometry.target_shape) > self.pyramid_above:
-                suffix = ".ome.tiff"
-                transform.write_warped(staging / f"warped-source{suffix}", source, self.output_level)
-            else:
-                write_slide(staging / f"warped-source{suffix}", transform.warp_source(source, self.output_level),
-                            source.bit_depth)
-            # uncompressed: gzip shrinks a float32 field by about 10 % and took 0.1 s per sample pair
-            transform.save_field(staging / "displacement-field.nii")
-            transform.save_itk_field(staging / "displacement-field-itk.mha")
-            outputs = {
-                WARPED_SOURCE_IMAGE: f"{pair.name}/warped-source{suffix}",
-                DISPLACEMENT_FIELD: f"{pair.name}/displacement-field.nii",
-                ITK_DISPLACEMENT_FIELD: f"{pair.name}/displacement-field-itk.mha",
-                WARPED_SOURCE_LANDMARKS: "",
-                WARPED_TARGET_LANDMARKS: "",
-                WARPED_SOURCE_LANDMARKS_AFFINE: "",
-                STATUS: "OK" if result.quality is None else result.quality.status(),
-                **({} if result.quality is None else result.quality.table_cells()),
-                WARPED_SOURCE_ANNOTATIONS: "",
-                WARPED_TARGET_ANNOTATIONS: "",
-            }
-            warped_source_landmarks = {}
-            if source_landmarks is not None:
-                warped_source_landmarks = self._warp_per_stage(transform, source_landmarks)
-                write_landmarks(staging / "warped-source-landmarks.csv", warped_source_landmarks["nonrigid"])
-                outputs[WARPED_SOURCE_LANDMARKS] = f"{pair.name}/warped-source-landmarks.csv"
-                write_landmarks(staging / "warped-source-landmarks-affine.csv", warped_source_landmarks["affine"])
-                outputs[WARPED_SOURCE_LANDMARKS_AFFINE] = f"{pair.name}/warped-source-landmarks-affine.csv"
-            if target_landmarks is not None:
-                write_landmarks(staging / "warped-target-landmarks.csv", transform.target_to_source(target_landmarks))
-                outputs[WARPED_TARGET_LANDMARKS] = f"{pair.name}/warped-target-landmarks.csv"
-            for column, frame, output_column in (
-                (SOURCE_ANNOTATIONS, "source", WARPED_SOURCE_ANNOTATIONS),
-                (TARGET_ANNOTATIONS, "target", WARPED_TARGET_ANNOTATIONS),
-            ):
-                if pair.path(column) is not None:
-                    name = f"warped-{frame}-annotations.geojson"
-                    map_geojson(pair.path(column), staging / name, transform, frame)
-                    outputs[output_column] = f"{pair.name}/{name}"
-            for stage in STAGES:
-                save_stage_panels(staging, stage, result.fixed, result.stages[stage])
-            timings["outputs"] = time.perf_counter() - started
-            scores = self._scores(warped_source_landmarks, target_landmarks, target.shape)
-            record = {
-                "source": str(pair.image_path(SOURCE_IMAGE)),
-                "target": str(pair.image_path(TARGET_IMAGE)),
-                "timings_seconds": timings,
-                "affine_working_pixels": transform.affine.cpu().tolist(),
-                "geometry": transform.geometry.to_dict(),
-                "landmark_scores": {stage: vars(score) for stage, score in scores.items()},
-                "quality": None if result.quality is None else {**result.quality.to_dict(), "status": outputs[STATUS]},
-            }
-            (staging / "registration.json").write_text(json.dumps(record, indent=2))
-            self._publish(staging, final)
-        finally:
+            target_landmarks = self._landmarks(pair, TARGET_LANDMARKS)
+            source_landmarks = self._landmarks(pair, SOURCE_LANDMARKS)
+            loading = time.perf_counter() - started
+            result = self.registration(source, target)
+            staging = self._staging(pair)
             shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            try:
+                outputs = PairOutputs(
+                    pair, staging, source, target, source_landmarks, target_landmarks, result,
+                    timings={"loading": loading, **result.timings}, started=time.perf_counter(),
+                    warnings=lambda: _messages(caught),
+                )
+                cells = {STATUS: "OK" if result.quality is None else result.quality.status()}
+                cells.update({} if result.quality is None else result.quality.table_cells())
+                for writer in self.writers:
+                    cells.update(writer.write(outputs))
+                self._publish(staging, self.output_dir / pair.name)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        finally:
             source.close()
             target.close()
-        return outputs, scores
+        return cells, outputs.record.get("landmark_scores", {})
 
     @staticmethod
     def _landmarks(pair: PairRow, column: str) -> np.ndarray | None:
         path = pair.path(column)
         return None if path is None else read_landmarks(path)
 
-    @staticmethod
-    def _warp_per_stage(transform: SlideTransform, source_landmarks: np.ndarray) -> dict[str, np.ndarray]:
-        """The ``(N, 2)`` source landmarks ``[X, Y]`` mapped into the target frame as each stage leaves them."""
-        affine_only = SlideTransform(
-            transform.geometry, transform.affine, affine_to_field(transform.affine, tuple(transform.field.shape[-2:]))
-        )
-        return {
-            "initial": source_landmarks,
-            "affine": affine_only.source_to_target(source_landmarks),
-            "nonrigid": transform.source_to_target(source_landmarks),
-        }
-
-    @staticmethod
-    def _scores(
-        warped_source_landmarks: dict[str, np.ndarray],
-        target_landmarks: np.ndarray | None,
-        target_shape: tuple[int, int],
-    ) -> dict[str, PairScores]:
-        """ANHIR scores of each stage's warped source landmarks (from :meth:`_warp_per_stage`; empty without
-        source landmarks) against the target landmarks."""
-        if not warped_source_landmarks or target_landmarks is None:
-            return {}
-        diagonal = image_diagonal(target_shape)
-        source_landmarks = warped_source_landmarks["initial"]
-        return {
-            stage: score_pair(points, target_landmarks, source_landmarks, diagonal)
-            for stage, points in warped_source_landmarks.items()
-        }
-
     def _publish(self, staging: Path, final: Path) -> None:
-        """Swap the finished folder into place; a previous result of the same pair is replaced whole.
-
-        ``registration.json`` first gains the pair's resolved input paths (what :meth:`_is_done` compares) and the
-        warnings raised while registering it.
-        """
-        if self._current is not None:
-            pair, caught = self._current
-            record_path = staging / "registration.json"
-            record = json.loads(record_path.read_text())
-            record.update(inputs=pair.inputs(), warnings=_messages(caught))
-            record_path.write_text(json.dumps(record, indent=2))
+        """Swap the finished folder into place; a previous result of the same pair is replaced whole."""
         if final.exists():
             retired = final.with_name(f".{final.name}.{self._token}.old")
             os.replace(final, retired)
@@ -466,9 +389,10 @@ class BatchRegistration:
     def _write_results(self, previous_columns: list[str], rows: list[dict[str, str]]) -> None:
         """Write the results table: this table's columns, then those only an earlier run's table had, then the
         result columns."""
-        columns = [*self.columns, *(c for c in previous_columns if c not in self.columns and c not in RESULT_COLUMNS)]
+        result_columns = self.result_columns
+        columns = [*self.columns, *(c for c in previous_columns if c not in self.columns and c not in result_columns)]
         with atomic_path(self.output_dir / RESULTS_TABLE) as tmp, tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=[*columns, *RESULT_COLUMNS], restval="", extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=[*columns, *result_columns], restval="", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 
@@ -481,16 +405,28 @@ class BatchRegistration:
             name = row.get(PAIR_FOLDER, "")
             record = self._record(name) if name and name not in failures else None
             if record and record.get("landmark_scores"):
-                scores[name] = {stage: PairScores(**score) for stage, score in record["landmark_scores"].items()}
+                scores[name] = {stage: PairScores(**score) for stage, score in landmark_scores(record).items()}
+        # the registrar's stages in order, then any other an earlier run's pairs have
+        stages = dict.fromkeys([*self.stage_names, *(stage for pair in scores.values() for stage in pair)])
         return {
             "pairs": len(rows),
             "failed": len(failures),
             "failures": failures,
             # registered, but with implausible quality figures (scripts/evaluate/quality.py)
             "warnings": {row.get(PAIR_FOLDER, ""): row[STATUS] for row in rows if row.get(STATUS, "").startswith("warning")},
-            "stages": {stage: summarise([pair[stage] for pair in scores.values()]) for stage in STAGES},
+            "stages": {stage: summarise([pair[stage] for pair in scores.values() if stage in pair]) for stage in stages},
             "per_pair": {name: {stage: vars(s) for stage, s in pair.items()} for name, pair in scores.items()},
         }
+
+
+def landmark_scores(record: dict) -> dict[str, dict]:
+    """A ``registration.json``'s landmark scores per stage, an earlier version's ``nonrigid`` under its stage's name
+    (``refinement``, or ``networks`` where that run had no refinement)."""
+    scores = dict(record.get("landmark_scores") or {})
+    if OLD_FINAL_STAGE in scores:
+        final = "refinement" if "refinement" in record.get("timings_seconds", {}) else "networks"
+        scores = {final if stage == OLD_FINAL_STAGE else stage: score for stage, score in scores.items()}
+    return scores
 
 
 def _messages(caught: list[warnings.WarningMessage]) -> list[str]:
