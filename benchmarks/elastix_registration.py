@@ -387,9 +387,10 @@ def save_chain(chain: itk.ParameterObject, folder: Path, stem: str) -> None:
 
 
 def warm_up(settings: ElastixSettings) -> None:
-    """Pay the one-off costs of the first elastix call (lazy ITK module loading, elastix's component database:
-    about 7 s) before the first pair, so that per-pair times exclude them, as the bundle's per-pair times exclude its
-    start-up and model loading. A tiny registration of each stage's kind on a 64 px noise image."""
+    """Pay the one-off costs of the first elastix call (lazy ITK module loading, elastix's component database;
+    docs/design.md, "Measurements behind the code") before the first pair, so that per-pair times exclude them, as the
+    bundle's per-pair times exclude its start-up and model loading. A tiny registration of each stage's kind on a 64 px
+    noise image."""
     noise = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     image = to_itk(noise)
     for parameters in (search_map(settings), affine_map(settings), bspline_map(settings, 64)):

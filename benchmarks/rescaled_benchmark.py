@@ -39,20 +39,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import (
-    BUNDLE,
-    REPO,
-    RESULTS,
-    available_cores,
-    command_line,
-    machine_info,
-    markdown_table,
-    require_elastix,
-    run_measured,
-    write_outputs,
-)
+from common import BUNDLE, REPO, RESULTS, available_cores, command_line, machine_info, markdown_table
+from common import require_elastix, run_measured, write_outputs
 from run_benchmark import TOOLS as BENCHMARK_TOOLS
-from run_benchmark import evaluate_command, read_results, timing_summary, tool_command
+from run_benchmark import evaluate_command, read_results, run_tool, timing_summary
 from scipy.ndimage import gaussian_filter
 from skimage.io import imread, imsave
 from skimage.transform import AffineTransform, warp
@@ -225,13 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     tools = {}
     for tool in args.tools:
         run_dir = runs / tool
-        command, cwd = tool_command(tool, cover, run_dir, args.working_size, args.threads)
-        env = None
-        if tool.startswith("bundle") and args.bundle_threads:
-            threads = str(args.bundle_threads)
-            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        run = run_measured(command, cwd, runs / f"{tool}.log", env=env)
-        run["threads"] = args.threads if tool == "elastix" else (args.bundle_threads or "torch default")
+        run = run_tool(tool, cover, run_dir, runs / f"{tool}.log", args)
         print(f"{tool}: exit {run['returncode']}, {run['wall_seconds']:.1f} s")
         tools[tool] = {"run": run, **score_tool(tool, cover, run_dir, runs)}
 

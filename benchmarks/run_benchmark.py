@@ -39,19 +39,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import (
-    BENCHMARKS,
-    BUNDLE,
-    REPO,
-    RESULTS,
-    available_cores,
-    command_line,
-    machine_info,
-    markdown_table,
-    require_elastix,
-    run_measured,
-    write_outputs,
-)
+from common import BENCHMARKS, BUNDLE, REPO, RESULTS, available_cores, command_line, machine_info, markdown_table
+from common import require_elastix, run_measured, write_outputs
 
 # tool -> (final stage label in run evaluate, what it is)
 TOOLS = {
@@ -61,6 +50,19 @@ TOOLS = {
     "bundle": ("refinement", "bundle, shipped defaults: affine + learned networks + MI refinement"),
     "elastix": ("elastix", "elastix (itk-elastix): rotation search + affine + B-spline, Mattes MI, same working grid"),
 }
+
+
+def run_tool(tool: str, pairs_csv: Path, run_dir: Path, log: Path, args: argparse.Namespace) -> dict:
+    """Run ``tool`` on a cover table into ``run_dir``, measured (:func:`common.run_measured`): the bundle with
+    ``args.bundle_threads`` threads where given, elastix with ``args.threads``; the record says which."""
+    command, cwd = tool_command(tool, pairs_csv, run_dir, args.working_size, args.threads)
+    env = None
+    if tool.startswith("bundle") and args.bundle_threads:
+        threads = str(args.bundle_threads)
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    run = run_measured(command, cwd, log, env=env)
+    run["threads"] = args.threads if tool == "elastix" else (args.bundle_threads or "torch default")
+    return run
 
 
 def tool_command(tool: str, pairs_csv: Path, output_dir: Path, working_size: int, threads: int) -> tuple[list, Path]:
@@ -157,13 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         repeat_dir = runs if repeat == 1 else runs / f"repeat-{repeat}"
         for tool in args.tools:
             run_dir = repeat_dir / tool
-            command, cwd = tool_command(tool, pairs_csv, run_dir, args.working_size, args.threads)
-            env = None
-            if tool.startswith("bundle") and args.bundle_threads:
-                threads = str(args.bundle_threads)
-                env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-            run = run_measured(command, cwd, repeat_dir / f"{tool}.log", env=env)
-            run["threads"] = args.threads if tool == "elastix" else (args.bundle_threads or "torch default")
+            run = run_tool(tool, pairs_csv, run_dir, repeat_dir / f"{tool}.log", args)
             print(f"{tool} (repeat {repeat}): exit {run['returncode']}, {run['wall_seconds']:.1f} s, "
                   f"peak RSS {run['peak_rss_mb']:.0f} MB")
             timing = timing_summary(read_results(run_dir / "registration-results.csv"), run_dir)

@@ -39,16 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import (
-    BUNDLE,
-    RESULTS,
-    available_cores,
-    command_line,
-    machine_info,
-    markdown_table,
-    require_elastix,
-    write_outputs,
-)
+from common import BUNDLE, RESULTS, available_cores, command_line, machine_info, markdown_table, require_elastix
+from common import write_outputs
 
 if str(BUNDLE) not in sys.path:
     sys.path.insert(0, str(BUNDLE))

@@ -28,7 +28,7 @@ from scripts.errors import RegistrationInputError
 from scripts.io.anhir import read_landmarks, stage_column, write_landmarks
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
-STAGES = ("initial", "affine", "nonrigid")
+STAGES = ("initial", "affine", "refinement")
 PLOTS = ("rtre-by-stage.png", "rtre-by-tissue.png", "rtre-before-after.png")
 COVER_COLUMNS = ["Target image", "Source image", "Target landmarks", "Source landmarks", "Image diagonal [pixels]"]
 RESULT_COLUMNS = [
@@ -73,14 +73,14 @@ WARPED = {
 NAMES = {key: f"{i}_{key.lower()}-source_to_{key.lower()}-target" for i, key in enumerate("ABCDEF")}
 EXPECTED = {
     NAMES["A"]: ("kidney", {"initial": (0.2, 0.2, 0.2, 0.0), "affine": (0.1, 0.1, 0.1, 1.0),
-                            "nonrigid": (0.1, 0.4 / 3, 0.3, 2 / 3)}, 2.0),
+                            "refinement": (0.1, 0.4 / 3, 0.3, 2 / 3)}, 2.0),
     NAMES["B"]: ("kidney", {"initial": (0.2, 0.2, 0.2, 0.0), "affine": (0.1, 0.1, 0.1, 1.0),
-                            "nonrigid": (0.04, 0.16 / 3, 0.1, 1.0)}, 4.0),
+                            "refinement": (0.04, 0.16 / 3, 0.1, 1.0)}, 4.0),
     # C and E are not registered: identity at every stage, at the table's slowest time (D's 6 minutes)
     NAMES["C"]: ("lung", dict.fromkeys(STAGES, (0.2, 0.2, 0.3, 0.0)), 6.0),
     # D: no affine landmarks either, so that stage is the identity
     NAMES["D"]: ("lung", {"initial": (0.4, 0.4, 0.6, 0.0), "affine": (0.4, 0.4, 0.6, 0.0),
-                          "nonrigid": (0.1, 1 / 3, 0.8, 2 / 3)}, 6.0),
+                          "refinement": (0.1, 1 / 3, 0.8, 2 / 3)}, 6.0),
     NAMES["E"]: ("lung", dict.fromkeys(STAGES, (0.4, 0.4, 0.4, 0.0)), 6.0),
 }
 KEYS = ("median_median_rtre", "mean_median_rtre", "mean_max_rtre", "mean_robustness", "mean_time_minutes", "pairs")
@@ -90,18 +90,18 @@ OVERALL = {  # over A to E (F has no landmarks)
     # medians 0.1, 0.1, 0.2, 0.4, 0.4; maxima 0.1, 0.1, 0.3, 0.6, 0.4; robust 1, 1, 0, 0, 0; minutes 2, 4, 6, 6, 6
     "affine": (0.2, 1.2 / 5, 1.5 / 5, 0.4, 4.8, 5),
     # medians 0.1, 0.04, 0.2, 0.1, 0.4; maxima 0.3, 0.1, 0.3, 0.8, 0.4; robust 2/3, 1, 0, 2/3, 0
-    "nonrigid": (0.1, 0.84 / 5, 1.9 / 5, 7 / 15, 4.8, 5),
+    "refinement": (0.1, 0.84 / 5, 1.9 / 5, 7 / 15, 4.8, 5),
 }
 PER_TISSUE = {
     "kidney": {  # A, B
         "initial": (0.2, 0.2, 0.2, 0.0, None, 2),
         "affine": (0.1, 0.1, 0.1, 1.0, 3.0, 2),
-        "nonrigid": (0.07, 0.07, 0.2, 5 / 6, 3.0, 2),
+        "refinement": (0.07, 0.07, 0.2, 5 / 6, 3.0, 2),
     },
     "lung": {  # C, D, E
         "initial": (0.4, 1 / 3, 1.3 / 3, 0.0, None, 3),
         "affine": (0.4, 1 / 3, 1.3 / 3, 0.0, 6.0, 3),
-        "nonrigid": (0.2, 0.7 / 3, 0.5, 2 / 9, 6.0, 3),
+        "refinement": (0.2, 0.7 / 3, 0.5, 2 / 9, 6.0, 3),
     },
 }
 
@@ -188,7 +188,7 @@ def evaluated(tmp_path_factory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("evaluation") / "eval"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = ResultsEvaluation(tables.cover, tables.results, out, final_stage="nonrigid").run()
+        metrics = ResultsEvaluation(tables.cover, tables.results, out, final_stage="refinement").run()
     return SimpleNamespace(tables=tables, out=out, metrics=metrics, warnings=caught)
 
 
@@ -202,7 +202,7 @@ def test_metrics_json(evaluated):
         "pairs", "final_stage", "not_registered", "invalid_times", "overall", "per_tissue", "non_finite"
     ]
     assert metrics["invalid_times"] == {} and metrics["non_finite"] == []
-    assert metrics["pairs"] == 6 and metrics["final_stage"] == "nonrigid"
+    assert metrics["pairs"] == 6 and metrics["final_stage"] == "refinement"
     results = evaluated.tables.results.resolve()
     assert metrics["not_registered"] == {
         NAMES["C"]: f"{results.parent / 'deleted/C.csv'}: file not found",
@@ -223,7 +223,7 @@ def test_per_pair_table(evaluated):
         "Pair", "Tissue",
         "rTRE median (initial)", "rTRE mean (initial)", "rTRE max (initial)",
         "rTRE median (affine)", "rTRE mean (affine)", "rTRE max (affine)", "Robustness (affine)",
-        "rTRE median (nonrigid)", "rTRE mean (nonrigid)", "rTRE max (nonrigid)", "Robustness (nonrigid)",
+        "rTRE median (refinement)", "rTRE mean (refinement)", "rTRE max (refinement)", "Robustness (refinement)",
         "Execution time [minutes]", "Status",
     ]
     assert [row["Pair"] for row in rows] == list(NAMES.values())  # every cover pair, in the cover's order
@@ -269,7 +269,7 @@ def test_tissue_column_wins_over_folder_names(evaluated, tmp_path):
         row["Tissue"] = "renal" if row["Target image"].startswith("kidney") else ""  # empty: the folder's name
     cover = _write_csv(evaluated.tables.data / "with-tissue.csv", [*columns, "Tissue"], rows)
     with pytest.warns(UserWarning, match="3 source landmarks vs 4 target landmarks"):
-        metrics = ResultsEvaluation(cover, evaluated.tables.results, tmp_path, final_stage="nonrigid").run()
+        metrics = ResultsEvaluation(cover, evaluated.tables.results, tmp_path, final_stage="refinement").run()
     assert metrics["per_tissue"] == {"lung": evaluated.metrics["per_tissue"]["lung"],
                                      "renal": evaluated.metrics["per_tissue"]["kidney"]}
 
@@ -291,7 +291,7 @@ def test_bundle_command(evaluated, tmp_path):
     # the same scores as in-process, the final stage under the label given on the command line
     assert metrics["final_stage"] == "elastix"
     assert list(metrics["overall"]) == ["initial", "affine", "elastix"]
-    renamed = json.loads(json.dumps(evaluated.metrics).replace('"nonrigid"', '"elastix"'))
+    renamed = json.loads(json.dumps(evaluated.metrics).replace('"refinement"', '"elastix"'))
     assert metrics == renamed
     assert (tmp_path / "eval" / "evaluation-pairs.csv").is_file()
     assert all((tmp_path / "eval" / name).is_file() for name in PLOTS)
@@ -340,7 +340,7 @@ def test_target_image_missing(evaluated, tmp_path, diagonal):
             evaluation.run()
         assert str(error.value).startswith(f"{tmp_path / 'gone.png'}: ")
     else:  # the cover table's diagonal stands in for the image (pair A's: 50 px)
-        _assert_aggregates(evaluation.run()["overall"]["nonrigid"], (0.1, 0.1, 0.3, 2 / 3, None, 1))
+        _assert_aggregates(evaluation.run()["overall"]["refinement"], (0.1, 0.1, 0.3, 2 / 3, None, 1))
 
 
 # --- 4. results that would fool the evaluation (issue 14, item 8) -------------------------------------------------
@@ -380,7 +380,7 @@ def test_ground_truth_as_warped_landmarks_counts_as_not_registered(evaluated, tm
     (reason,) = metrics["not_registered"].values()
     assert "the cover table's target landmark" in reason and reason.endswith("not a registration result")
     # scored as the identity (0.2 for pair A), not as a perfect 0
-    assert metrics["overall"]["nonrigid"]["median_median_rtre"] == pytest.approx(0.2)
+    assert metrics["overall"]["refinement"]["median_median_rtre"] == pytest.approx(0.2)
     status = _read_csv(tmp_path / "eval" / "evaluation-pairs.csv")[1][0]["Status"]
     assert status == f"not registered: {reason}"
 
@@ -396,7 +396,7 @@ def test_a_pair_registered_onto_itself_may_score_zero(evaluated, tmp_path):
     result_rows[0]["Source landmarks"] = rows[0]["Source landmarks"]
     results = _write_csv(results, RESULT_COLUMNS, result_rows)
     metrics = ResultsEvaluation(cover, results, tmp_path / "eval").run()
-    assert metrics["not_registered"] == {} and metrics["overall"]["nonrigid"]["median_median_rtre"] == 0.0
+    assert metrics["not_registered"] == {} and metrics["overall"]["refinement"]["median_median_rtre"] == 0.0
 
 
 @pytest.mark.parametrize("far", [1e200, 1.5e308], ids=["1e200", "overflowing"])
@@ -408,15 +408,15 @@ def test_far_landmarks_keep_metrics_json_valid(evaluated, tmp_path, far):
     returned = ResultsEvaluation(cover, results, tmp_path / "eval").run()
     metrics = _strict_json(tmp_path / "eval" / "metrics.json")
     assert metrics == returned
-    nonrigid = metrics["overall"]["nonrigid"]
+    refinement = metrics["overall"]["refinement"]
     if far == 1e200:  # far, but a finite distance: counted as it is
-        assert nonrigid["mean_max_rtre"] == pytest.approx(math.hypot(far, far) / 50)
+        assert refinement["mean_max_rtre"] == pytest.approx(math.hypot(far, far) / 50)
         assert metrics["non_finite"] == []
     else:  # the mean and maximum are infinite: null, and named
-        assert nonrigid["mean_max_rtre"] is None and nonrigid["mean_median_rtre"] is None
-        assert "overall.nonrigid.mean_max_rtre" in metrics["non_finite"]
+        assert refinement["mean_max_rtre"] is None and refinement["mean_median_rtre"] is None
+        assert "overall.refinement.mean_max_rtre" in metrics["non_finite"]
         tissue = next(iter(metrics["per_tissue"]))
-        assert f"per_tissue.{tissue}.nonrigid.mean_max_rtre" in metrics["non_finite"]
+        assert f"per_tissue.{tissue}.refinement.mean_max_rtre" in metrics["non_finite"]
 
 
 def test_invalid_times_are_listed_not_silently_dropped(evaluated, tmp_path):
@@ -432,7 +432,7 @@ def test_invalid_times_are_listed_not_silently_dropped(evaluated, tmp_path):
     pairs = _read_csv(tmp_path / "eval" / "evaluation-pairs.csv")[1]
     expected = {pair["Pair"]: f"execution time {t!r} {invalid[t]}" for pair, t in zip(pairs, invalid)}
     assert metrics["invalid_times"] == expected
-    assert metrics["overall"]["nonrigid"]["mean_time_minutes"] == 2.5  # the one valid time, and the list says why
+    assert metrics["overall"]["refinement"]["mean_time_minutes"] == 2.5  # the one valid time, and the list says why
     for pair, t in zip(pairs, invalid):
         assert pair["Status"].endswith(f"execution time {t!r} {invalid[t]} (left out of the mean time)")
     assert pairs[-1]["Status"].startswith("affine: identity") and "execution time" not in pairs[-1]["Status"]
@@ -465,7 +465,7 @@ def test_every_stage_column_of_the_table_is_scored_in_its_order(evaluated, tmp_p
     rows[0][stage_column("affine")] = str(folder / "A-affine.csv")
     metrics = ResultsEvaluation(cover, _write_csv(results, columns, rows), tmp_path / "eval").run()
 
-    assert list(metrics["overall"]) == ["initial", "affine", "networks", "refinement (MI)", "nonrigid"]
+    assert list(metrics["overall"]) == ["initial", "affine", "networks", "refinement (MI)", "refinement"]
     _assert_aggregates(metrics["overall"]["networks"], (0.1, 0.1, 0.1, 1.0, 2.0, 1))  # A-affine's scores
     _assert_aggregates(metrics["overall"]["refinement (MI)"], (0.1, 0.1, 0.3, 2 / 3, 2.0, 1))  # A's
     assert "rTRE median (refinement (MI))" in _read_csv(tmp_path / "eval" / "evaluation-pairs.csv")[0]
@@ -488,5 +488,5 @@ def test_a_whole_slide_target_gives_its_full_resolution_diagonal(evaluated, tmp_
     metrics = ResultsEvaluation(cover, _write_csv(results, RESULT_COLUMNS, result_rows), tmp_path / "eval").run()
 
     # pair A's scores on a 50 px diagonal; the cover table's 1000 would make them 20 times smaller
-    _assert_aggregates(metrics["overall"]["nonrigid"], (0.1, 0.1, 0.3, 2 / 3, 2.0, 1))
+    _assert_aggregates(metrics["overall"]["refinement"], (0.1, 0.1, 0.3, 2 / 3, 2.0, 1))
 

@@ -118,31 +118,33 @@ class WarpedSlide:
         return {WARPED_SOURCE_IMAGE: outputs.cell(name)}
 
 
-class DisplacementField:
+class TransformFile:
+    """A file the final stage's transform writes itself: ``save`` names the :class:`SlideTransform` method that
+    writes it, ``column`` the results column that points to it."""
+
+    name: str
+    column: str
+    save: str
+
+    def columns(self, stage_names: tuple[str, ...]) -> tuple[str, ...]:
+        return (self.column,)
+
+    def write(self, outputs: PairOutputs) -> dict[str, str]:
+        getattr(outputs.result.transform, self.save)(outputs.folder / self.name)
+        return {self.column: outputs.cell(self.name)}
+
+
+class DisplacementField(TransformFile):
     """``displacement-field.nii`` (+ ``.json``): the final field on the working grid, what the bundle re-reads
     (:meth:`SlideTransform.save_field`). Uncompressed (docs/design.md, "Measurements moved from code comments")."""
 
-    name = "displacement-field.nii"
-
-    def columns(self, stage_names: tuple[str, ...]) -> tuple[str, ...]:
-        return (DISPLACEMENT_FIELD,)
-
-    def write(self, outputs: PairOutputs) -> dict[str, str]:
-        outputs.result.transform.save_field(outputs.folder / self.name)
-        return {DISPLACEMENT_FIELD: outputs.cell(self.name)}
+    name, column, save = "displacement-field.nii", DISPLACEMENT_FIELD, "save_field"
 
 
-class ItkDisplacementField:
+class ItkDisplacementField(TransformFile):
     """``displacement-field-itk.mha``: the final mapping as ITK and SimpleITK apply it (:meth:`SlideTransform.save_itk_field`)."""
 
-    name = "displacement-field-itk.mha"
-
-    def columns(self, stage_names: tuple[str, ...]) -> tuple[str, ...]:
-        return (ITK_DISPLACEMENT_FIELD,)
-
-    def write(self, outputs: PairOutputs) -> dict[str, str]:
-        outputs.result.transform.save_itk_field(outputs.folder / self.name)
-        return {ITK_DISPLACEMENT_FIELD: outputs.cell(self.name)}
+    name, column, save = "displacement-field-itk.mha", ITK_DISPLACEMENT_FIELD, "save_itk_field"
 
 
 class WarpedSourceLandmarks:
