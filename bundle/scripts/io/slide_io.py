@@ -50,7 +50,7 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 _WRITE_SUFFIXES = {8: (".png",), 16: (".tif", ".tiff")}
 # libpng through imagecodecs with zlib level 1, run-length matching and the "sub" row filter (OpenCV's fast settings)
 # instead of Pillow's adaptive filters at level 3: much faster per PNG for files slightly larger (docs/design.md,
-# "Measurements moved from code comments (formats)")
+# "Measurements behind the code (formats)")
 PNG_SETTINGS = {
     "level": imagecodecs.PNG.COMPRESSION.SPEED,
     "strategy": imagecodecs.PNG.STRATEGY.RLE,
@@ -65,7 +65,7 @@ _PIL_BIT_DEPTHS = {"L": 8, "LA": 8, "RGB": 8, "RGBA": 8, "I;16": 16, "I;16L": 16
 _TIFF_PHOTOMETRICS = (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Largest image decoded whole: held as float32 it takes 12 bytes per RGB pixel, and the registration and the flat
-# warped output hold a few copies (docs/design.md, "Measurements moved from code comments (formats)"). Larger images
+# warped output hold a few copies (docs/design.md, "Measurements behind the code (formats)"). Larger images
 # must be tiled TIFFs, which are read region by region (slide_reader.py).
 MAX_DECODED_PIXELS = 8192 * 8192
 

@@ -129,7 +129,7 @@ def save_stage_panels(
     folder = Path(out_dir)
     # Convert once, to 8 bits: both panels need host arrays (a GPU tensor would otherwise be copied twice), and
     # they only pick and stack pixels, which gives the same bytes whether it happens before or after the rounding,
-    # at an eighth of the memory traffic (docs/design.md, "Measurements moved from code comments")
+    # at an eighth of the memory traffic (docs/design.md, "Measurements behind the code")
     fixed_array, moving_array = (_to_uint8(array) for array in _as_pair(fixed, moving))
     return (
         save_png(folder / f"checkerboard-{stage}.png", checkerboard(fixed_array, moving_array)),

@@ -136,7 +136,7 @@ class TransformFile:
 
 class DisplacementField(TransformFile):
     """``displacement-field.nii`` (+ ``.json``): the final field on the working grid, what the bundle re-reads
-    (:meth:`SlideTransform.save_field`). Uncompressed (docs/design.md, "Measurements moved from code comments")."""
+    (:meth:`SlideTransform.save_field`). Uncompressed (docs/design.md, "Measurements behind the code")."""
 
     name, column, save = "displacement-field.nii", DISPLACEMENT_FIELD, "save_field"
 

@@ -60,7 +60,7 @@ def tissue_image(pixels: np.ndarray) -> torch.Tensor:
     inverted = (1.0 - gray)[None]
     # percentiles rather than min/max: dust, pen marks and saturated pixels must not set the scale. Both from one
     # numpy selection: MONAI's ScaleIntensityRangePercentiles sorts the image once per percentile (torch.quantile),
-    # which is slower (docs/design.md, "Measurements moved from code comments (frames)")
+    # which is slower (docs/design.md, "Measurements behind the code (frames)")
     low, high = np.percentile(inverted.numpy(), PERCENTILES)
     normalise = ScaleIntensityRange(a_min=float(low), a_max=float(high), b_min=0.0, b_max=1.0, clip=True)
     return convert_to_tensor(normalise(inverted), dtype=torch.float32, track_meta=False)

@@ -23,7 +23,7 @@ is also Mattes' method but not the same function:
 - Cost: MONAI builds dense (samples, bins) weights for both images (several (8192, 32) temporaries per call, kept for
   autograd) and a (bins, samples) x (samples, bins) product; here 4 weights per sample and an ``index_add_``, and the
   gradient in closed form without an autograd graph. It is several times faster at the refinement's 8192 samples and
-  32 bins, more at the quality figures' sample counts (docs/design.md, "Measurements moved from code comments
+  32 bins, more at the quality figures' sample counts (docs/design.md, "Measurements behind the code
   (formats)"; ``benchmarks/mutual_information_benchmark.py``).
 
 Swapping it in would change the refinement's objective, hence every registration's result.

@@ -169,7 +169,7 @@ class MutualInformationRefinement(torch.nn.Module):
         generator = torch.Generator(fixed.device).manual_seed(self.seed)
         # autograd, inside the pipeline's inference mode, only for the derivatives of the interpolations; one thread:
         # the same bits as two, and faster on a loaded CPU, where a second thread's short steps wait on each other
-        # (docs/design.md, "Fine scale" and "Measurements moved from code comments (frames)")
+        # (docs/design.md, "Fine scale" and "Measurements behind the code (frames)")
         with torch.inference_mode(False), torch.enable_grad(), one_thread():
             # the residual in working px, channels (column, row) as grid_sample reads positions
             grid = torch.zeros(1, 2, *nodes, device=fixed.device, requires_grad=True)
