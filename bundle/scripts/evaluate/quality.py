@@ -102,13 +102,14 @@ class QualityLimits:
     """What a plausible registration stays within; any figure beyond its limit marks the pair with a warning.
 
     Attributes:
-        min_tissue_dice: Dice of the tissue masks after the final stage (sample pairs 0.80-0.99, a source of another
-            tissue 0.37).
+        min_tissue_dice: Dice of the tissue masks after the final stage (sample pairs 0.83-1.00, their sources
+            rescaled or sheared 0.83-0.97; wrong sources 0.76-0.91, which the overlap alone does not tell).
         min_tissue_information: mutual information above chance inside the tissue after the final stage, nats
-            (at the default working size: sample pairs 0.024-1.5; mirrored, unrotated or foreign sources 0.003-0.006).
+            (at the default working size: sample pairs, their sources rescaled or sheared too, 0.027-1.7; mirrored,
+            unrotated or foreign sources 0.004-0.005).
         min_information_kept: the same at the end as a share of its value before the registration. Registering related
-            tissue raises it (sample pairs 0.97-4.6x, at working sizes 256 and 1024); the outline of an unrelated or
-            mirrored content is matched at the expense of its inside, and it falls (0.21-0.71x).
+            tissue raises it (sample pairs 1.09-3.2x, at working sizes 256 and 1024); the outline of an unrelated or
+            mirrored content is matched at the expense of its inside, and it falls (0.35-0.67x).
         max_folded_share: share of folded pixels of the final field (sample pairs 0; noise fields 7-45 %).
     """
 
