@@ -123,7 +123,8 @@ class SlidePairRegistration:
             for name, total in fields.items()
         ]
         start = time.perf_counter()
-        quality = RegistrationQuality.measure(moving, fixed, fields)
+        footprints = geometry.footprint(SOURCE), geometry.footprint(TARGET)
+        quality = RegistrationQuality.measure(moving, fixed, fields, footprints)
         timings["quality"] = self._lap(start)
         record = {"affine_working_pixels": matrix.cpu().tolist(), "geometry": geometry.to_dict()}
         return PairRegistration(tuple(stages), fixed, timings, quality, record)

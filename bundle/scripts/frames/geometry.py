@@ -118,6 +118,17 @@ class PairGeometry:
         ends = self.from_working(np.array([[0.0, 0.0], [1.0, 1.0]]), frame)
         return ends[1] - ends[0], ends[0]
 
+    def footprint(self, frame: str) -> torch.Tensor:
+        """(h, w) boolean mask of the working pixels whose centres lie on the ``"target"`` or ``"source"`` slide (its
+        level-0 extent ``[-0.5, n - 0.5]`` per axis); the rest of the working grid is the common frame's padding."""
+        slope, intercept = self.working_to_level0(frame)
+        shape = self.target_shape if frame == "target" else self.source_shape
+        inside = []
+        for n, axis_slope, axis_intercept, extent in zip(self.working_shape, slope, intercept, shape):
+            level0 = np.arange(n, dtype=np.float64) * axis_slope + axis_intercept
+            inside.append(torch.as_tensor((level0 >= -0.5) & (level0 <= extent - 0.5)))
+        return inside[0][:, None] & inside[1][None, :]
+
     def swapped(self) -> PairGeometry:
         """The geometry with the roles of target and source exchanged (every ``target_*`` / ``source_*`` field)."""
         values = asdict(self)
