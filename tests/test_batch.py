@@ -34,7 +34,8 @@ from scripts.io import read_cover_table
 from scripts.register import PatchPyramidRegistration, load_weights
 from scripts.runner import BatchRegistration, select_pairs
 from scripts.frames.fields import affine_to_field
-from scripts.runner.batch import RUNNER_COLUMNS, ExitCode
+from scripts.runner.batch import RUNNER_COLUMNS
+from scripts.runner.exits import ExitCode
 from scripts.runner.output_lock import LOCK_FILE, OutputFolderLock, OutputFolderLocked
 from scripts.io.anhir import (
     MAX_FOLDER_NAME_BYTES,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_bundle_commands import BUNDLE  # small_pair, the sample kidney pair at 30 %, is in conftest.py
 
-from scripts.runner.batch import ExitCode
+from scripts.runner.exits import ExitCode
 
 # The shipped model, a small working grid and no refinement: a 350 px pair takes about a second.
 FAST = ("--working_size", "256", "--refine", "False")

@@ -15,7 +15,7 @@ from PIL import Image
 from test_slide_reader import _forged_tiff
 from test_bundle_commands import BUNDLE  # small_pair, the sample kidney pair at 30 %, is in conftest.py
 
-from scripts.runner.batch import ExitCode
+from scripts.runner.exits import ExitCode
 
 FAST = ("--working_size", "256", "--refine", "False")
 

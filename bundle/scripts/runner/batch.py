@@ -26,15 +26,12 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import threading
 import time
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +48,7 @@ from ..io.slide_reader import open_slide
 from ..outputs.transform import REGISTRATION_RECORD
 from ..outputs.writers import PairOutputs, PairWriter, default_writers
 from ..stages import Registrar
-from ..usage import USAGE_EXIT_STATUS
+from .exits import ExitCode, Terminated, sigterm_raises
 from .output_lock import OutputFolderLock, OutputFolderLocked
 from .sharding import Shard
 
@@ -70,43 +67,6 @@ SUMMARY = "registration-summary.json"
 RUN_DEBRIS = re.compile(r"^\..+\.(partial|old)$")
 # `atomic_path`'s temporary name of a file: ``.<stem>.tmp-<8 hex><suffixes>``.
 ATOMIC_TEMPORARY = re.compile(r"^\.(?P<stem>.*)\.tmp-[0-9a-f]{8}(?P<suffixes>.*)$")
-
-
-class ExitCode(IntEnum):
-    """Exit status of `run inference` (documented in docs/README.md, "Exit codes")."""
-
-    OK = 0  # every pair registered (warnings allowed)
-    PAIR_FAILED = 1  # at least one pair of the run failed; every pair was tried, the table and summary written
-    USAGE = USAGE_EXIT_STATUS  # the command line or config cannot run (scripts/usage.py exits with it)
-    OUTPUT_LOCKED = 3  # another run holds the output folder
-    TERMINATED = 128 + signal.SIGTERM  # stopped by SIGTERM; the unfinished pair left nothing behind
-
-
-class Terminated(SystemExit):
-    """SIGTERM, raised where the process is, so that every ``finally`` cleans up as for Ctrl-C."""
-
-    def __init__(self) -> None:
-        super().__init__(ExitCode.TERMINATED)
-
-
-@contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` instead of killing the process outright.
-
-    Only the main thread can install a handler; elsewhere the block runs with the handler it has.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum: int, frame: object) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class BatchRegistration:
