@@ -68,19 +68,9 @@ class PairRegistration:
     record: dict = field(default_factory=dict)
 
     @property
-    def final(self) -> RegistrationStage:
-        return self.stages[-1]
-
-    @property
     def transform(self) -> PointMapping:
         """The result: the last stage's transform."""
         return self.stages[-1].transform
-
-    def stage(self, name: str) -> RegistrationStage:
-        for stage in self.stages:
-            if stage.name == name:
-                return stage
-        raise KeyError(f"no stage {name!r}; the stages are {[stage.name for stage in self.stages]}")
 
 
 class Registrar(Protocol):

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..declared import declared
 from ..evaluate.metrics import PairScores, image_diagonal, score_pair
 from ..io.anhir import (
     SOURCE_ANNOTATIONS, SOURCE_IMAGE, TARGET_ANNOTATIONS, TARGET_IMAGE, WARPED_SOURCE_LANDMARKS,
@@ -265,8 +266,5 @@ class RegistrationRecord:
 
 
 def default_writers(pyramid_above: int = PYRAMID_ABOVE, output_level: int = 0) -> list[PairWriter]:
-    """Every output of ``configs/inference.yaml``'s ``writers`` list, in its order."""
-    return [
-        WarpedSourceLandmarks(), WarpedTargetLandmarks(), WarpedSlide(pyramid_above, output_level),
-        DisplacementField(), ItkDisplacementField(), WarpedAnnotations(), StagePanels(), RegistrationRecord(),
-    ]
+    """Every output, as ``configs/inference.yaml``'s ``writers`` list declares them, in its order."""
+    return list(declared("writers", pyramid_above=pyramid_above, output_level=output_level))

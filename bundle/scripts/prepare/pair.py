@@ -28,9 +28,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Hashable, Mapping, Sequence
 
-from monai.bundle import ConfigParser
 from monai.transforms import Compose, MapTransform
 
+from ..declared import declared
 from ..frames.geometry import PairGeometry
 from ..io.slide_image import SlideImage
 from .preprocess import read_at_working_resolution, require_tissue, working_image
@@ -109,9 +109,6 @@ class WorkingImaged(MapTransform):
         keys: the slides, ``"target"`` and/or ``"source"``.
     """
 
-    def __init__(self, keys: Sequence[str]) -> None:
-        super().__init__(keys)
-
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
         for key in self.key_iterator(d):
@@ -150,11 +147,5 @@ def _wraps(error: BaseException) -> bool:
 
 
 def declared_preparation(working_size: int) -> PairPreparation:
-    """The ``preparation`` chain as ``configs/inference.yaml`` declares it, for a working grid of ``working_size`` px:
-    for code that builds a registration without the bundle's config (tests, benchmarks)."""
-    from .. import BUNDLE_ROOT  # the package's root module imports this one
-
-    parser = ConfigParser()
-    parser.read_config(f"{BUNDLE_ROOT}/configs/inference.yaml")
-    parser["working_size"] = working_size
-    return parser.get_parsed_content("preparation")
+    """The ``preparation`` chain as ``configs/inference.yaml`` declares it, for a working grid of ``working_size`` px."""
+    return declared("preparation", working_size=working_size)
