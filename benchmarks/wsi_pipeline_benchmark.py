@@ -305,7 +305,7 @@ def cell(value) -> str | float | None:
 
 def fragment(rows: list[dict], commands: list[str], device: str, gpu: str | None, threads: int | None) -> str:
     header = ["pair", "size", "target px", "build s", "wall s", "loading s", "preprocessing s", "affine s",
-              "nonrigid s", "refinement s", "registration s", "outputs s", "wall s / Gpx", "peak RSS MB",
+              "networks s", "refinement s", "registration s", "outputs s", "wall s / Gpx", "peak RSS MB",
               "affine median rTRE", "affine rTRE - JPG", "median rTRE", "rTRE - JPG", "warped levels",
               "warped level 0", "status"]
     table = []
