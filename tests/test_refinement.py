@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
+from scripts.frames.fields import affine_to_field, downsample, pull, resize_field
 from scripts.prepare import declared_preparation
-from scripts.refine.refinement import MutualInformationRefinement, grid_bending_gradient
+from scripts.refine.refinement import MutualInformationRefinement, _Level, grid_bending_gradient
 from scripts.io.slide_io import read_slide
 from test_recovery import smooth_field
 
@@ -17,6 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserW
 
 SLIDE = Path(__file__).resolve().parents[1] / "bundle" / "sample" / "rat-kidney" / "Rat-Kidney_HE.jpg"
 SIZE = 384  # working long side: small enough for a quick test, large enough for tissue structure
+IDENTITY = torch.eye(2, 3)  # the affine the given fields started from, where the test has none
 
 
 def _pair(amplitude: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,18 +49,18 @@ def test_recovers_a_known_deformation_across_an_inverted_stain():
     moving, fixed, truth = _pair(amplitude=4.0, seed=0)
     start = torch.zeros_like(truth)
     with torch.inference_mode():  # as in the pipeline: the refinement turns autograd back on for itself
-        refined = _refinement()(moving, fixed, start)
+        refined = _refinement()(moving, fixed, start, IDENTITY)
     before, after = _mean_error(start, truth, fixed), _mean_error(refined, truth, fixed)
     assert before > 1.5
     assert after < 0.5, f"mean end-point error {before:.2f} -> {after:.2f} px"  # measured: 2.10 -> 0.17 px
 
 
-def test_composes_onto_the_given_field():
+def test_starts_from_the_given_field():
     """Starting from the true field plus a constant offset, the refinement removes most of the offset."""
     moving, fixed, truth = _pair(amplitude=3.0, seed=1)
     offset = torch.tensor([2.0, -2.0]).view(1, 2, 1, 1)
     with torch.inference_mode():
-        refined = _refinement()(moving, fixed, truth + offset)
+        refined = _refinement()(moving, fixed, truth + offset, IDENTITY)
     assert _mean_error(truth + offset, truth, fixed) > 2.8
     assert _mean_error(refined, truth, fixed) < 0.5  # measured: 0.16 px
 
@@ -66,13 +69,29 @@ def test_same_seed_same_result_and_zero_iterations_is_identity():
     moving, fixed, truth = _pair(amplitude=3.0, seed=2)
     start = torch.zeros_like(truth)
     with torch.inference_mode():
-        first = _refinement(iterations=10)(moving, fixed, start)
-        again = _refinement(iterations=10)(moving, fixed, start)
-        other = _refinement(iterations=10, seed=1)(moving, fixed, start)
-        untouched = _refinement(iterations=0)(moving, fixed, truth)
+        first = _refinement(iterations=10)(moving, fixed, start, IDENTITY)
+        again = _refinement(iterations=10)(moving, fixed, start, IDENTITY)
+        other = _refinement(iterations=10, seed=1)(moving, fixed, start, IDENTITY)
     torch.testing.assert_close(first, again, atol=0, rtol=0)
     assert (first - other).abs().max() > 1e-4
-    torch.testing.assert_close(untouched, truth, atol=1e-4, rtol=0)
+
+
+def test_zero_iterations_give_the_fields_residual_before_its_affine_on_the_control_grid():
+    """The given field = a smooth residual, then a rotation, scaling and shift: with no step, the refinement returns
+    it as its control grid holds it (the residual read at the nodes, interpolated between them, then the affine);
+    a grid too coarse for the residual loses it, which is how the read can be told from returning the field."""
+    moving, fixed, truth = _pair(amplitude=3.0, seed=2)
+    angle = torch.tensor(0.1)
+    linear = 1.05 * torch.stack([torch.stack([angle.cos(), -angle.sin()]), torch.stack([angle.sin(), angle.cos()])])
+    affine = torch.cat([linear, torch.tensor([[4.0], [-6.0]])], 1)
+    shape = tuple(truth.shape[-2:])
+    given = truth + Warp(mode="bilinear", padding_mode="border")(affine_to_field(affine, shape), truth)
+    with torch.inference_mode():
+        held = _refinement(iterations=0, spacing=8)(moving, fixed, given, affine)
+        lost = _refinement(iterations=0, spacing=128)(moving, fixed, given, affine)
+    inner = (slice(None), slice(None), slice(16, -16), slice(16, -16))
+    assert (held - given)[inner].abs().max() < 0.05
+    assert (lost - given)[inner].abs().max() > 0.5
 
 
 def _bending_energy(grid: torch.Tensor) -> torch.Tensor:
@@ -101,9 +120,9 @@ def test_a_finer_grid_holds_the_coarser_residual_and_per_level_settings_are_chec
     moving, fixed, truth = _pair(amplitude=3.0, seed=3)
     start = torch.zeros_like(truth)
     with torch.inference_mode():
-        coarse = _refinement(factors=(2, 1), spacing=(32, 32), iterations=(20, 0))(moving, fixed, start)
-        halved = _refinement(factors=(2, 1), spacing=(32, 16), iterations=(20, 0))(moving, fixed, start)
-        quartered = _refinement(factors=(2, 1), spacing=(32, 8), iterations=(20, 0))(moving, fixed, start)
+        coarse = _refinement(factors=(2, 1), spacing=(32, 32), iterations=(20, 0))(moving, fixed, start, IDENTITY)
+        halved = _refinement(factors=(2, 1), spacing=(32, 16), iterations=(20, 0))(moving, fixed, start, IDENTITY)
+        quartered = _refinement(factors=(2, 1), spacing=(32, 8), iterations=(20, 0))(moving, fixed, start, IDENTITY)
     assert coarse.abs().max() > 0.1
     torch.testing.assert_close(halved, coarse, atol=1e-5, rtol=0)
     torch.testing.assert_close(quartered, coarse, atol=1e-5, rtol=0)
@@ -113,3 +132,22 @@ def test_a_finer_grid_holds_the_coarser_residual_and_per_level_settings_are_chec
         _refinement(factors=(2, 1), spacing=(16, 24))
     with pytest.raises(ValueError, match="spacing"):
         _refinement(factors=(2, 1), spacing=(24, 16))
+
+
+def test_a_level_reads_the_moving_image_through_the_affine_as_its_field_does():
+    """At a downsampled level the refinement reads moving(A x + t) from the affine in grid units; on a grid with
+    odd sides (levels rounded up) it must read what pulling through the affine's field, resized to the level, reads."""
+    moving, fixed, _ = _pair(amplitude=3.0, seed=4)
+    moving, fixed = moving[..., :-3, :-1], fixed[..., :-3, :-1]
+    working = tuple(fixed.shape[-2:])
+    affine = torch.tensor([[0.97, 0.12, 5.0], [-0.08, 1.04, -7.5]])
+    for factor in (1, 2, 8):
+        images = downsample(moving, factor), downsample(fixed, factor)
+        level = _Level(*images, affine, working)
+        points = torch.rand(2, 500, generator=torch.Generator().manual_seed(factor)) * level.extent
+        where = points * level.level_unit - 1
+        read = F.grid_sample(level.moving, (level.linear @ where + level.shift).t()[None, None], align_corners=True)
+        field = resize_field(affine_to_field(affine, working), tuple(images[1].shape[-2:]))
+        positions = points.flip(0).t().reshape(1, 500, 1, 2).permute(0, 3, 1, 2)  # (1, 2, 500, 1), (row, column)
+        expected = pull(level.moving, positions + pull(field, positions, "border"))
+        torch.testing.assert_close(read.flatten(), expected.flatten(), atol=1e-4, rtol=0)

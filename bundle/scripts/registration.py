@@ -34,8 +34,9 @@ class SlidePairRegistration:
             "moving"}`` (``preparation`` in configs/inference.yaml, :mod:`scripts.prepare.pair`); None: that chain
             for ``working_size``.
         device: where the images, fields and networks live.
-        refinement: optional per-pair refinement of the networks' field, ``(moving, fixed, field) -> field`` (e.g.
-            :class:`MutualInformationRefinement`); its result is the "refinement" stage. None: no such stage.
+        refinement: optional per-pair refinement of the networks' field, ``(moving, fixed, field, affine) -> field``
+            with the (2, 3) affine the field started from (e.g. :class:`MutualInformationRefinement`); its result is
+            the "refinement" stage. None: no such stage.
         rescale_above: when the affine finds the source's tissue this many times larger than the target's (its
             pixels that much finer), the pair is prepared again with the source scaled down by the found scale, as
             for slides whose stated microns per pixel differ, and the affine run again: on the common frame of the
@@ -51,7 +52,7 @@ class SlidePairRegistration:
         initializer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         working_size: int,
         device: torch.device | str = "cpu",
-        refinement: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        refinement: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         rescale_above: float | None = 1.15,
         preparation: Callable[[dict], dict] | None = None,
     ) -> None:
@@ -113,7 +114,7 @@ class SlidePairRegistration:
 
         if self.refinement is not None:
             start = time.perf_counter()
-            fields["refinement"] = self.refinement(moving, fixed, fields["networks"])
+            fields["refinement"] = self.refinement(moving, fixed, fields["networks"], matrix)
             _require_finite("refinement", field=fields["refinement"])
             timings["refinement"] = self._lap(start)
 

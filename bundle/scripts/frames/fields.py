@@ -135,6 +135,24 @@ def affine_to_field(matrix: torch.Tensor, shape: tuple[int, int]) -> torch.Tenso
     return field[None]
 
 
+def residual_before_affine(field: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """The residual ``r`` that, followed by the affine ``matrix``, makes the pull ``field``:
+    ``x + u(x) = A (x + r(x)) + t``, so ``r(x) = A^-1 (x + u(x) - t) - x``, solved in float64.
+
+    Args:
+        field: (1, 2, H, W) pull field in pixels (rows, columns).
+        matrix: (2, 3) pull matrix in pixels, row/column order, as :func:`affine_to_field` takes it.
+
+    Returns:
+        (1, 2, H, W) float32 on ``field``'s device; ``u = r + affine_to_field(matrix)(x + r)``.
+    """
+    linear, shift = matrix[:, :2].double().cpu(), matrix[:, 2].double().cpu()
+    grid = identity_grid(tuple(field.shape[-2:]), field.device)
+    positions = (grid + field).squeeze(0).flatten(1).t().double().cpu()  # (H * W, 2)
+    before = ((positions - shift) @ torch.linalg.inv(linear).T).float().t().reshape(field.shape)
+    return before.to(field.device) - grid
+
+
 def sample_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Bilinear value of a field at arbitrary points.
 

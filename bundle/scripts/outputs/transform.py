@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ..frames.fields import identity_grid, invert_points, pull, sample_field
+from ..frames.fields import identity_grid, invert_points, pull, residual_before_affine, sample_field
 from ..frames.geometry import PairGeometry
 from ..io.pyramid_writer import write_pyramid
 from ..io.slide_image import SlideImage
@@ -112,11 +112,8 @@ class SlideTransform:
     def _invert_working(self, working: torch.Tensor) -> torch.Tensor:
         """(N, 2) (row, column) source working positions -> the target working positions that pull from them."""
         linear, shift = self.affine[:, :2].double().cpu(), self.affine[:, 2].double().cpu()
-        inverse = torch.linalg.inv(linear)
-        grid = identity_grid(tuple(self.field.shape[-2:]), self.field.device)
-        positions = (grid + self.field).squeeze(0).flatten(1).t().double().cpu()  # (h*w, 2) source working positions
-        residual = ((positions - shift) @ inverse.T).float().t().reshape(self.field.shape) - grid.cpu()
-        unaffine = ((working.double() - shift) @ inverse.T).float()
+        residual = residual_before_affine(self.field, self.affine).cpu()
+        unaffine = ((working.double() - shift) @ torch.linalg.inv(linear).T).float()
         return torch.cat([invert_points(residual, chunk) for chunk in unaffine.split(_INVERSION_CHUNK)])
 
     def inverse(self) -> SlideTransform:

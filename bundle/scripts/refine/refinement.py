@@ -3,11 +3,14 @@
 Across stains the tissue intensities are related, but not linearly: where one stain is dark the other may be pale.
 Measured on the real sample pairs (docs/design.md), local NCC, the similarity the networks are trained with, prefers
 alignments a few pixels away from the expert landmarks, while mutual information, which only asks that one image's
-intensity predict the other's, moves towards them. This stage keeps the networks' field and adds what mutual
-information asks for, the way elastix's B-spline stage does, but cheaply: each step reads a few thousand random
-positions, not the image. The mutual information's gradient is written out (``mutual_information``) and autograd
-only differentiates the interpolations: traced through the histogram, a step's forty small operations cost as much
-to record as to compute on a CPU (docs/design.md, "Seventh round").
+intensity predict the other's, moves towards them. This stage starts from the networks' field and moves it where
+mutual information asks, the way elastix's B-spline stage does after its affine, but cheaply: each step reads a few
+thousand random positions, not the image. The networks' field is read at the control nodes, not kept whole
+underneath: what it holds between the nodes is the networks' own error as often as detail, and on fields of known
+deformation a control grid started from it ends at a third less error than one composed onto it (docs/design.md,
+"Refinement from the networks' field"). The mutual information's gradient is written out (``mutual_information``)
+and autograd only differentiates the interpolations: traced through the histogram, a step's forty small operations
+cost as much to record as to compute on a CPU (docs/design.md, "Seventh round").
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..frames.fields import compose_fields, downsample, grid_sample_extent, identity_grid, pull, resize_field
+from ..frames.fields import downsample, grid_sample_extent, identity_grid, pull, residual_before_affine
 from .mutual_information import ParzenWindows, mutual_information
 from ..threads import one_thread
 
@@ -73,21 +76,22 @@ def _refined_grid(grid: torch.Tensor, halvings: int) -> torch.Tensor:
 
 
 class _Level:
-    """One optimisation level: its images, the given field, and the unit conversions a step needs.
+    """One optimisation level: its images, the affine the residual is followed by, and the unit conversions a step
+    needs.
 
     Positions are kept as ``grid_sample`` reads them: (column, row), the first and last pixel centre (or control
     node) at -1 and +1, arrays of shape (2, samples): the units of :func:`scripts.frames.fields.to_grid_sample`,
-    converted once per level here (its ``grid_sample_extent``), so that a step's four interpolations of the same
-    samples call ``grid_sample`` directly rather than converting them four times through ``pull``.
+    converted once per level here (its ``grid_sample_extent``), so that a step's interpolations of the same samples
+    call ``grid_sample`` directly rather than converting them through ``pull``.
 
     Args:
         moving, fixed: (1, 1, h, w) level images.
-        field: (1, 2, h, w) the given pull field in level pixels.
+        affine: (2, 3) pull matrix in working pixels (row, column).
         working: (H, W) the working grid, on which the control grid is laid out.
     """
 
     def __init__(
-        self, moving: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor, working: tuple[int, int]
+        self, moving: torch.Tensor, fixed: torch.Tensor, affine: torch.Tensor, working: tuple[int, int]
     ) -> None:
         shape = tuple(fixed.shape[-2:])
         # autograd saves the moving image to differentiate its interpolation; an inference tensor cannot be saved
@@ -105,20 +109,30 @@ class _Level:
         self.node_offset = (0.5 * scale - 0.5) * working_unit - 1
         # a residual of one working px is 1 / scale level px
         self.residual_to_unit = level_unit / scale
-        self.field = (field.flip(1) * level_unit.view(1, 2, 1, 1)).contiguous()  # (column, row), grid_sample units
+        # the affine in these units, so that a step reads moving(A x + t) without interpolating a field: a level
+        # position g is the working position w = g / unit + offset, pulled to A w + t, which is g' = (A w + t) unit +
+        # back in units (unit = residual_to_unit, per axis)
+        unit = self.residual_to_unit
+        offset = scale / level_unit + 0.5 * scale - 0.5
+        back = level_unit * (0.5 / scale - 0.5) - 1
+        linear = affine[:, :2].flip(0).flip(1).to(fixed)  # (column, row)
+        self.linear = unit * linear / unit.t()
+        self.shift = unit * (linear @ offset + affine[:, 2].flip(0).to(fixed)[:, None]) + back
 
 
 class MutualInformationRefinement(torch.nn.Module):
     """Refine a pull field by maximising the mutual information of the warped moving and the fixed image.
 
-    The refinement is a residual ``r`` applied before the given field ``u``: ``total(x) = r(x) + u(x + r(x))``
-    (composed, never summed), bilinear on a control grid with nodes every ``spacing`` working pixels of the fixed
-    image. It is optimised coarse to fine on the images downsampled by each of ``factors``; every Adam step reads
-    ``samples`` random positions of the fixed image and follows the gradient of ``-MI + alpha * bending energy of the
-    grid``. Spacing, steps and step size may differ per level: where the spacing halves, the grid is refined (the
-    residual unchanged, Adam restarted on the new nodes), so a schedule can end on a finer grid at full resolution;
-    a smaller last step lets the walk of constant Adam steps on random samples settle (docs/design.md). The random
-    draws come from a generator seeded with ``seed`` on every call, so a pair always gets the same result.
+    The result is a residual ``r`` followed by the pair's affine ``a``: ``total(x) = r(x) + a(x + r(x))`` (composed,
+    never summed), ``r`` bilinear on a control grid with nodes every ``spacing`` working pixels of the fixed image,
+    started from the given field's residual before that affine, read at the nodes. It is optimised coarse to fine on
+    the images downsampled by each of ``factors``; every Adam step reads ``samples`` random positions of the fixed
+    image and follows the gradient of ``-MI + alpha * bending energy of the grid``. Spacing, steps, step size,
+    samples and stiffness may differ per level: where the spacing halves, the grid is refined (the residual
+    unchanged, Adam restarted on the new nodes), so a schedule can end on a finer grid at full resolution; a level's
+    step can shrink towards its end (``anneal``) so that the walk of Adam steps on random samples settles
+    (docs/design.md). The random draws come from a generator seeded with ``seed`` on every call, so a pair always
+    gets the same result.
 
     Args:
         spacing: control-node spacing in working pixels: one for every level, or one per level, each the one before
@@ -127,10 +141,12 @@ class MutualInformationRefinement(torch.nn.Module):
         iterations: Adam steps: one count for every level, or one per level.
         learning_rate: Adam step size in working pixels: one for every level, or one per level.
         samples: random positions per step (anywhere between pixel centres, not only on them: on the sample
-            pairs, drawing whole pixels ended further from the landmarks, docs/design.md).
-        alpha: weight of the control grid's bending energy.
+            pairs, drawing whole pixels ended further from the landmarks, docs/design.md); one count or one per level.
+        alpha: weight of the control grid's bending energy: one for every level, or one per level.
         bins: histogram bins per image of the mutual information (cubic B-spline Parzen windows).
         seed: seed of the position sampling.
+        anneal: the step size at a level's last step, as a fraction of its ``learning_rate`` (cosine in between);
+            1: constant. One for every level, or one per level.
     """
 
     def __init__(
@@ -139,10 +155,11 @@ class MutualInformationRefinement(torch.nn.Module):
         factors: Sequence[int] = (4, 2),
         iterations: int | Sequence[int] = 100,
         learning_rate: float | Sequence[float] = 0.2,
-        samples: int = 8192,
-        alpha: float = 0.01,
+        samples: int | Sequence[int] = 8192,
+        alpha: float | Sequence[float] = 0.01,
         bins: int = 32,
         seed: int = 0,
+        anneal: float | Sequence[float] = 1.0,
     ) -> None:
         super().__init__()
         self.factors = tuple(factors)
@@ -153,59 +170,73 @@ class MutualInformationRefinement(torch.nn.Module):
             if halvings < 0 or halvings != int(halvings):
                 raise ValueError(f"each spacing must be the one before it or that halved, got {self.spacings}")
         self.learning_rates = _per_level(learning_rate, len(self.factors), "learning_rate")
-        self.samples = samples
-        self.alpha = alpha
+        self.anneals = _per_level(anneal, len(self.factors), "anneal")
+        self.samples = _per_level(samples, len(self.factors), "samples")
+        self.alphas = _per_level(alpha, len(self.factors), "alpha")
         self.bins = bins
         self.seed = seed
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, moving: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor, affine: torch.Tensor
+    ) -> torch.Tensor:
         """Args: moving, fixed: (1, 1, H, W) working images in [0, 1]; field: (1, 2, H, W) pull field in working
-        pixels.
+        pixels, which holds ``affine``, the (2, 3) pull matrix in working pixels (row, column) it started from.
 
-        Returns: (1, 2, H, W) the refined pull field, ``fixed(x) ~ moving(x + u(x))``.
+        Returns: (1, 2, H, W) the refined pull field, ``fixed(x) ~ moving(x + u(x))``: a residual on the control grid,
+        started from ``field``'s residual before ``affine`` read at the control nodes, then the affine.
         """
         shape = tuple(fixed.shape[-2:])
         nodes = [max(2, round((n - 1) / self.spacings[0]) + 1) for n in shape]
         generator = torch.Generator(fixed.device).manual_seed(self.seed)
+        at_nodes = identity_grid(tuple(nodes), fixed.device) * fixed.new_tensor(
+            [(n - 1) / max(k - 1, 1) for n, k in zip(shape, nodes)]
+        ).view(1, 2, 1, 1)
+        started = pull(residual_before_affine(field, affine), at_nodes, "border")
         # autograd, inside the pipeline's inference mode, only for the derivatives of the interpolations; one thread:
         # the same bits as two, and faster on a loaded CPU, where a second thread's short steps wait on each other
         # (docs/design.md, "Fine scale" and "Measurements behind the code (frames)")
         with torch.inference_mode(False), torch.enable_grad(), one_thread():
             # the residual in working px, channels (column, row) as grid_sample reads positions
-            grid = torch.zeros(1, 2, *nodes, device=fixed.device, requires_grad=True)
+            grid = started.flip(1).clone().requires_grad_()
             optimizer = torch.optim.Adam([grid], lr=self.learning_rates[0], fused=True)
             spacing = self.spacings[0]
-            for factor, level_spacing, steps, rate in zip(
-                self.factors, self.spacings, self.iterations, self.learning_rates
-            ):
+            levels = zip(
+                self.factors, self.spacings, self.iterations, self.learning_rates, self.anneals, self.samples,
+                self.alphas,
+            )
+            for factor, level_spacing, steps, rate, anneal, samples, alpha in levels:
                 if level_spacing != spacing:
                     grid = _refined_grid(grid.detach(), round(math.log2(spacing / level_spacing))).requires_grad_()
                     # a new grid, new moments: Adam's per-node step statistics do not carry over to its new nodes
                     optimizer = torch.optim.Adam([grid], lr=rate, fused=True)
                     spacing = level_spacing
-                for group in optimizer.param_groups:
-                    group["lr"] = rate
-                level_shape = (-(-shape[0] // factor), -(-shape[1] // factor))
                 images = downsample(moving, factor), downsample(fixed, factor)
-                level = _Level(*images, resize_field(field, level_shape), shape)
-                for _ in range(steps):
+                level = _Level(*images, affine, shape)
+                for step in range(steps):
+                    cosine = (1 + math.cos(math.pi * step / max(steps - 1, 1))) / 2  # 1 down to 0
+                    for group in optimizer.param_groups:
+                        group["lr"] = rate * (anneal + (1 - anneal) * cosine)
                     # rows first, the order they have always been drawn in, so that a seed keeps its positions
-                    draw = torch.rand(2, self.samples, generator=generator, device=fixed.device)
+                    draw = torch.rand(2, samples, generator=generator, device=fixed.device)
                     points = draw.flip(0) * level.extent
                     grid.grad = self._similarity_gradient(grid, level, points)
-                    grid.grad += self.alpha * grid_bending_gradient(grid.detach())
+                    grid.grad += alpha * grid_bending_gradient(grid.detach())
                     optimizer.step()
             nodes = list(grid.shape[-2:])
-        # the refined field, composed in row bands so that only the result is image-sized
+        # the refined field, the residual then the affine, in row bands so that only the result is image-sized
         residual = grid.detach().flip(1)  # (row, column)
         to_node = fixed.new_tensor([(m - 1) / max(n - 1, 1) for m, n in zip(nodes, shape)]).view(1, 2, 1, 1)
-        refined = torch.empty_like(field)
+        # A (x + r) + t - x as r + (A - I)(x + r) + t: small terms, so float32 keeps the residual's precision
+        deformation = affine[:, :2].to(fixed) - torch.eye(2, device=fixed.device)
+        shift = affine[:, 2].to(fixed).view(1, 2, 1, 1)
+        refined = fixed.new_empty(1, 2, *shape)
         rows = max(1, BAND_PIXELS // shape[1])
         for start in range(0, shape[0], rows):
             positions = identity_grid((min(rows, shape[0] - start), shape[1]), fixed.device)
             positions[:, 0] += start
             band = pull(residual, positions * to_node, "border")
-            refined[..., start : start + rows, :] = compose_fields(field, band, first_row=start)
+            moved = torch.einsum("ij,bjhw->bihw", deformation, positions + band)
+            refined[..., start : start + rows, :] = band + moved + shift
         return refined
 
     def _similarity_gradient(self, grid: torch.Tensor, level: _Level, points: torch.Tensor) -> torch.Tensor:
@@ -215,9 +246,8 @@ class MutualInformationRefinement(torch.nn.Module):
         fixed_value = F.grid_sample(level.fixed, fixed_at.t()[None, None], align_corners=True)
         residual = F.grid_sample(grid, nodes.t()[None, None], padding_mode="border", align_corners=True)
         where = (fixed_at + residual.detach()[0, :, 0] * level.residual_to_unit).requires_grad_()
-        field = F.grid_sample(level.field, where.t()[None, None], padding_mode="border", align_corners=True)
-        value = F.grid_sample(level.moving, (where + field[0, :, 0]).t()[None, None], align_corners=True)
-        (slope,) = torch.autograd.grad(value.sum(), where)  # (2, samples): through the given field and the image
+        value = F.grid_sample(level.moving, (level.linear @ where + level.shift).t()[None, None], align_corners=True)
+        (slope,) = torch.autograd.grad(value.sum(), where)  # (2, samples): through the affine and the image
         moving_windows = ParzenWindows.of(value.detach().flatten(), self.bins)
         fixed_windows = ParzenWindows.of(fixed_value.flatten(), self.bins, slopes=False)
         _, gradient = mutual_information(moving_windows, fixed_windows, self.bins)
