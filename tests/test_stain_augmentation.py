@@ -7,9 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Rand2DElasticd
 from skimage import data
 from skimage.color import rgb2hed
 
+from scripts.io.slide_io import read_slide
 from scripts.prepare import declared_preparation
 from scripts.train import RandHEDStaind, training_pairs
 
@@ -83,3 +86,31 @@ def test_training_pairs_add_restained_self_pairs(tmp_path):
             correlation = torch.corrcoef(torch.stack([item["fixed"].flatten(), item["moving"].flatten()]))[0, 1]
             assert correlation > 0.9  # the same section, aligned, in another stain
         assert (restained[0]["moving"] - restained[1]["moving"]).abs().mean() > 0.005
+
+
+def test_the_augmented_training_config_reaches_the_displacements_it_claims():
+    """configs/train_augmented.yaml over train.yaml: restained pairs added, and its large elastic step (measured on a
+    coordinate image, away from the crop's border) displaces by up to 10-25 px, where train.yaml's largest
+    displacement stays under 10 px; train.yaml alone adds no restained pairs."""
+    bundle = KIDNEY.parents[1]
+    augmented, plain = ConfigParser(), ConfigParser()
+    augmented.read_config([str(bundle / "configs" / "train.yaml"), str(bundle / "configs" / "train_augmented.yaml")])
+    plain.read_config(str(bundle / "configs" / "train.yaml"))
+    assert augmented["stain_variants"] == 2 and "stain_variants" not in plain["train_items"]
+    rows, cols = torch.meshgrid(torch.arange(512.0), torch.arange(512.0), indexing="ij")
+    coordinates = torch.stack([rows, cols])
+
+    def largest(parser: ConfigParser) -> list[float]:
+        elastic = [t for t in parser.get_parsed_content("train_transforms").transforms if isinstance(t, Rand2DElasticd)]
+        draws = []
+        for transform in elastic:
+            transform.set_random_state(seed=0)
+            transform.padding_mode = ("border",)
+            for _ in range(10):
+                moved = transform({"moving": coordinates})["moving"]
+                draws.append((moved - coordinates)[:, 64:-64, 64:-64].norm(dim=0).max().item())
+        return draws
+
+    assert max(largest(plain)) < 10
+    draws = largest(augmented)
+    assert 12 < max(draws) < 30 and sorted(draws)[len(draws) // 2] > 3
