@@ -3,6 +3,7 @@
 From the repository root::
 
     python benchmarks/synthetic_benchmark.py [--working_size 1024] [--magnitudes 2 4 8 16] [--seeds 1]
+        [--checkpoint MODEL.pt] [--no_refinement]
 
 Cases: each tissue image (the four slides of ``bundle/sample/`` and ``skimage.data.immunohistochemistry()``) x each
 magnitude x each seed. For a case, on the bundle's working grid (the bundle's ``preparation`` chain,
@@ -22,7 +23,8 @@ Registering source onto target must return the pull field ``truth`` (the bundle'
 (target > 0.15), ``max(shape) / 32`` px from the border excluded, as in ``tests/test_recovery.py``; for the affine
 stage alone and the full registration of each tool. The bundle runs through its Python API, configured from
 ``configs/inference.yaml`` by ``monai.bundle.ConfigParser`` (affine = its ``AffineInitializer``; full = the nonrigid
-engine and the refinement on top, exactly as ``SlidePairRegistration`` chains them). Elastix runs
+engine and the refinement on top, exactly as ``SlidePairRegistration`` chains them; ``--no_refinement``: the
+networks alone, ``--checkpoint``: other networks than ``models/model.pt``, e.g. a training run's). Elastix runs
 ``elastix_registration.register_arrays`` (the same parameter set as the ANHIR benchmark) with fixed = target, so its
 transform is the pull field directly (``transformix`` deformation field). Both are warmed up once before timing.
 
@@ -115,11 +117,14 @@ class BundleTool:
 
     name = "bundle"
 
-    def __init__(self, working_size: int) -> None:
+    def __init__(self, working_size: int, checkpoint: Path | None = None, refine: bool = True) -> None:
         parser = ConfigParser()
         parser.read_config(str(BUNDLE / "configs" / "inference.yaml"))
         parser["bundle_root"] = str(BUNDLE)
         parser["working_size"] = working_size
+        parser["refine"] = refine
+        if checkpoint is not None:
+            parser["checkpoint"] = str(checkpoint)
         self.registration = parser.get_parsed_content("registration")
 
     @torch.inference_mode()
@@ -180,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tools", nargs="+", choices=["bundle", "elastix"], default=["bundle", "elastix"])
     parser.add_argument("--threads", type=int, default=available_cores(), help="torch and elastix threads")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument("--checkpoint", type=Path, help="the bundle's networks (default: its models/model.pt)")
+    parser.add_argument("--no_refinement", action="store_true", help="the bundle's full stage is its networks alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     require_elastix(parser, args.tools)
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tools = []
     if "bundle" in args.tools:
-        tools.append(BundleTool(args.working_size))
+        tools.append(BundleTool(args.working_size, args.checkpoint, not args.no_refinement))
     if "elastix" in args.tools:
         tools.append(ElastixTool(args.threads))
 

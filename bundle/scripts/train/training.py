@@ -38,6 +38,8 @@ def training_pairs(
     preparation: Callable[[dict], dict],
     initializer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     synthetic: bool = True,
+    stain: Callable[[dict], dict] | None = None,
+    stain_variants: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
     """Unsupervised training items ``{"moving": (1, h, w), "fixed": (1, h, w)}`` on the working grid.
 
@@ -46,7 +48,10 @@ def training_pairs(
     Real pairs of the cover table are affinely pre-aligned, so the networks learn the nonrigid residual they see at
     inference. With ``synthetic``, every slide of the table and ``skimage.data.immunohistochemistry()`` is also paired
     with itself seen through a single colour channel; the random deformation that makes it a registration problem is
-    added by the training transforms. Landmarks are never read.
+    added by the training transforms. With ``stain`` (a dictionary transform of ``{"pixels": (H, W, 3) RGB}``, e.g.
+    `RandHEDStaind`), every RGB slide is also paired ``stain_variants`` times with itself restained by it: the stain
+    change is drawn once per pair, when the pairs are made, because it acts on the slide's RGB, before its tissue image
+    exists. Landmarks are never read.
     """
     items: list[dict[str, torch.Tensor]] = []
     sample = (immunohistochemistry() / 255.0).astype(np.float32)
@@ -63,9 +68,13 @@ def training_pairs(
             slides += [target, source]
     for slide in slides:
         channel = slide.pixels[..., SYNTHETIC_STAIN_CHANNEL : SYNTHETIC_STAIN_CHANNEL + 1]
-        stain = ArraySlide(np.ascontiguousarray(channel), slide.bit_depth, slide.path, slide.mpp)
-        prepared = preparation({TARGET: slide, SOURCE: stain})
+        one_channel = ArraySlide(np.ascontiguousarray(channel), slide.bit_depth, slide.path, slide.mpp)
+        prepared = preparation({TARGET: slide, SOURCE: one_channel})
         items.append({"moving": prepared["moving"], "fixed": prepared["fixed"]})
+        for _ in range(stain_variants if stain is not None and slide.channels == 3 else 0):
+            restained = ArraySlide(stain({"pixels": slide.pixels})["pixels"], slide.bit_depth, slide.path, slide.mpp)
+            prepared = preparation({TARGET: slide, SOURCE: restained})
+            items.append({"moving": prepared["moving"], "fixed": prepared["fixed"]})
     return items
 
 
