@@ -150,7 +150,9 @@ def residual_before_affine(field: torch.Tensor, matrix: torch.Tensor) -> torch.T
     grid = identity_grid(tuple(field.shape[-2:]), field.device)
     positions = (grid + field).squeeze(0).flatten(1).t().double().cpu()  # (H * W, 2)
     before = ((positions - shift) @ torch.linalg.inv(linear).T).float().t().reshape(field.shape)
-    return before.to(field.device) - grid
+    # contiguous: the transpose above leaves it column-major, and a refinement grid started from that layout
+    # diverged (docs/design.md, "Refinement from the networks' field")
+    return (before.to(field.device) - grid).contiguous()
 
 
 def sample_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
