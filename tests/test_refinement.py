@@ -151,3 +151,33 @@ def test_a_level_reads_the_moving_image_through_the_affine_as_its_field_does():
         positions = points.flip(0).t().reshape(1, 500, 1, 2).permute(0, 3, 1, 2)  # (1, 2, 500, 1), (row, column)
         expected = pull(level.moving, positions + pull(field, positions, "border"))
         torch.testing.assert_close(read.flatten(), expected.flatten(), atol=1e-4, rtol=0)
+
+
+def test_a_steps_gradient_is_what_autograd_computes_through_the_interpolations():
+    """The step calls the interpolations' derivatives directly, without recording a graph: its gradient must be,
+    to the bit, the one autograd gets by differentiating the same three interpolations (the mutual information's
+    gradient written out in both), on a downsampled level with an affine and a non-zero residual."""
+    from scripts.refine.mutual_information import ParzenWindows, mutual_information
+
+    moving, fixed, _ = _pair(amplitude=3.0, seed=5)
+    affine = torch.tensor([[0.98, 0.05, 2.0], [-0.04, 1.01, -3.5]])
+    level = _Level(downsample(moving, 2), downsample(fixed, 2), affine, tuple(fixed.shape[-2:]))
+    grid = 2 * torch.rand(1, 2, 17, 17, generator=torch.Generator().manual_seed(1)) - 1
+    points = torch.rand(2, 3000, generator=torch.Generator().manual_seed(2)).flip(0) * level.extent
+    refinement = MutualInformationRefinement(bins=32)
+    step = refinement._similarity_gradient(grid, level, points)
+
+    leaf = grid.clone().requires_grad_()
+    fixed_at = points * level.level_unit - 1
+    nodes = (points * level.node_scale + level.node_offset).t()[None, None]
+    fixed_value = F.grid_sample(level.fixed, fixed_at.t()[None, None], align_corners=True)
+    residual = F.grid_sample(leaf, nodes, padding_mode="border", align_corners=True)
+    where = (fixed_at + residual.detach()[0, :, 0] * level.residual_to_unit).requires_grad_()
+    value = F.grid_sample(level.moving, (level.linear @ where + level.shift).t()[None, None], align_corners=True)
+    (slope,) = torch.autograd.grad(value.sum(), where)
+    windows = ParzenWindows.of(value.detach().flatten(), 32), ParzenWindows.of(fixed_value.flatten(), 32, False)
+    _, gradient = mutual_information(*windows, 32)
+    per_sample = -(gradient * slope * level.residual_to_unit)[None, :, None]
+    (expected,) = torch.autograd.grad(residual, leaf, per_sample)
+    assert expected.abs().max() > 0
+    assert torch.equal(step, expected)

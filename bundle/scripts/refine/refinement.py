@@ -9,8 +9,9 @@ thousand random positions, not the image. The networks' field is read at the con
 underneath: what it holds between the nodes is the networks' own error as often as detail, and on fields of known
 deformation a control grid started from it ends at a third less error than one composed onto it (docs/design.md,
 "Refinement from the networks' field"). The mutual information's gradient is written out (``mutual_information``)
-and autograd only differentiates the interpolations: traced through the histogram, a step's forty small operations
-cost as much to record as to compute on a CPU (docs/design.md, "Seventh round").
+and no autograd graph is recorded: traced through the histogram, a step's forty small operations cost as much to
+record as to compute on a CPU (docs/design.md, "Seventh round"), and the interpolations' derivatives are the ones
+autograd would call, ATen's ``grid_sampler_2d_backward``, called directly (the same bits, a tenth of a step less).
 """
 
 from __future__ import annotations
@@ -26,6 +27,24 @@ from .mutual_information import ParzenWindows, mutual_information
 from ..threads import one_thread
 
 BAND_PIXELS = 1 << 16  # working pixels per band of the final composition
+
+# grid_sample's modes as ATen numbers them, for its derivatives (interpolation: bilinear; padding: zeros, border)
+_BILINEAR, _ZEROS, _BORDER = 0, 0, 1
+
+
+def _interpolation_slope(image: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """d/d at of ``F.grid_sample(image, at, align_corners=True)`` (bilinear, zero padding) for a (1, 1, h, w) image at
+    (1, 1, N, 2) positions -> (1, 1, N, 2), as autograd computes it."""
+    ones = image.new_ones(1, 1, 1, at.shape[2])
+    return torch.ops.aten.grid_sampler_2d_backward(ones, image, at, _BILINEAR, _ZEROS, True, [False, True])[1]
+
+
+def _spread(per_sample: torch.Tensor, grid: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The transpose of ``F.grid_sample(grid, at, padding_mode="border", align_corners=True)`` for a (1, C, h, w)
+    ``grid`` at (1, 1, N, 2) positions: each of the (1, C, 1, N) per-sample values goes to the four nodes around it
+    with the weights it was read with -> (1, C, h, w)."""
+    mask = [True, False]
+    return torch.ops.aten.grid_sampler_2d_backward(per_sample, grid, at, _BILINEAR, _BORDER, True, mask)[0]
 
 
 def grid_bending_gradient(grid: torch.Tensor) -> torch.Tensor:
@@ -94,8 +113,7 @@ class _Level:
         self, moving: torch.Tensor, fixed: torch.Tensor, affine: torch.Tensor, working: tuple[int, int]
     ) -> None:
         shape = tuple(fixed.shape[-2:])
-        # autograd saves the moving image to differentiate its interpolation; an inference tensor cannot be saved
-        self.moving = moving.clone() if moving.is_inference() else moving
+        self.moving = moving
         self.fixed = fixed
         new = fixed.new_tensor
         scale = new([w / s for w, s in zip(working, shape)]).flip(0)[:, None]  # working px per level px
@@ -192,12 +210,11 @@ class MutualInformationRefinement(torch.nn.Module):
             [(n - 1) / max(k - 1, 1) for n, k in zip(shape, nodes)]
         ).view(1, 2, 1, 1)
         started = pull(residual_before_affine(field, affine), at_nodes, "border")
-        # autograd, inside the pipeline's inference mode, only for the derivatives of the interpolations; one thread:
-        # the same bits as two, and faster on a loaded CPU, where a second thread's short steps wait on each other
-        # (docs/design.md, "Fine scale" and "Measurements behind the code (frames)")
-        with torch.inference_mode(False), torch.enable_grad(), one_thread():
+        # one thread: the same bits as two, and faster on a loaded CPU, where a second thread's short steps wait on
+        # each other (docs/design.md, "Fine scale" and "Measurements behind the code (frames)")
+        with one_thread():
             # the residual in working px, channels (column, row) as grid_sample reads positions
-            grid = started.flip(1).clone().requires_grad_()
+            grid = started.flip(1).clone()
             optimizer = torch.optim.Adam([grid], lr=self.learning_rates[0], fused=True)
             spacing = self.spacings[0]
             levels = zip(
@@ -206,7 +223,7 @@ class MutualInformationRefinement(torch.nn.Module):
             )
             for factor, level_spacing, steps, rate, anneal, samples, alpha in levels:
                 if level_spacing != spacing:
-                    grid = _refined_grid(grid.detach(), round(math.log2(spacing / level_spacing))).requires_grad_()
+                    grid = _refined_grid(grid, round(math.log2(spacing / level_spacing)))
                     # a new grid, new moments: Adam's per-node step statistics do not carry over to its new nodes
                     optimizer = torch.optim.Adam([grid], lr=rate, fused=True)
                     spacing = level_spacing
@@ -220,11 +237,11 @@ class MutualInformationRefinement(torch.nn.Module):
                     draw = torch.rand(2, samples, generator=generator, device=fixed.device)
                     points = draw.flip(0) * level.extent
                     grid.grad = self._similarity_gradient(grid, level, points)
-                    grid.grad += alpha * grid_bending_gradient(grid.detach())
+                    grid.grad += alpha * grid_bending_gradient(grid)
                     optimizer.step()
             nodes = list(grid.shape[-2:])
         # the refined field, the residual then the affine, in row bands so that only the result is image-sized
-        residual = grid.detach().flip(1)  # (row, column)
+        residual = grid.flip(1)  # (row, column)
         to_node = fixed.new_tensor([(m - 1) / max(n - 1, 1) for m, n in zip(nodes, shape)]).view(1, 2, 1, 1)
         # A (x + r) + t - x as r + (A - I)(x + r) + t: small terms, so float32 keeps the residual's precision
         deformation = affine[:, :2].to(fixed) - torch.eye(2, device=fixed.device)
@@ -242,17 +259,18 @@ class MutualInformationRefinement(torch.nn.Module):
     def _similarity_gradient(self, grid: torch.Tensor, level: _Level, points: torch.Tensor) -> torch.Tensor:
         """d(-MI)/d grid, (1, 2, h, w), at the fixed image's level positions ``points``, (2, samples) (column, row)."""
         fixed_at = points * level.level_unit - 1
-        nodes = points * level.node_scale + level.node_offset
+        nodes = (points * level.node_scale + level.node_offset).t()[None, None]
         fixed_value = F.grid_sample(level.fixed, fixed_at.t()[None, None], align_corners=True)
-        residual = F.grid_sample(grid, nodes.t()[None, None], padding_mode="border", align_corners=True)
-        where = (fixed_at + residual.detach()[0, :, 0] * level.residual_to_unit).requires_grad_()
-        value = F.grid_sample(level.moving, (level.linear @ where + level.shift).t()[None, None], align_corners=True)
-        (slope,) = torch.autograd.grad(value.sum(), where)  # (2, samples): through the affine and the image
-        moving_windows = ParzenWindows.of(value.detach().flatten(), self.bins)
+        residual = F.grid_sample(grid, nodes, padding_mode="border", align_corners=True)
+        where = fixed_at + residual[0, :, 0] * level.residual_to_unit
+        moving_at = (level.linear @ where + level.shift).t()[None, None]
+        value = F.grid_sample(level.moving, moving_at, align_corners=True)
+        # (2, samples): d value / d where, through the image and then the affine
+        slope = level.linear.t().mm(_interpolation_slope(level.moving, moving_at)[0, 0].t())
+        moving_windows = ParzenWindows.of(value.flatten(), self.bins)
         fixed_windows = ParzenWindows.of(fixed_value.flatten(), self.bins, slopes=False)
         _, gradient = mutual_information(moving_windows, fixed_windows, self.bins)
         # d(-MI)/d residual at each sample; each sample's share goes to the four nodes around it, as the
         # interpolation took theirs
         per_sample = -(gradient * slope * level.residual_to_unit)[None, :, None]
-        (gradient_grid,) = torch.autograd.grad(residual, grid, per_sample)
-        return gradient_grid
+        return _spread(per_sample, grid, nodes)
