@@ -193,3 +193,23 @@ def test_a_larger_source_is_prepared_again_at_the_targets_scale() -> None:
     count = min(len(warped), len(target_points))
     rtre = np.median(np.linalg.norm(warped[:count] - target_points[:count], axis=1)) / np.hypot(*target.shape)
     assert rtre < 1.25 * unscaled_rtre, f"median rTRE {rtre:.4f}, unscaled pair {unscaled_rtre:.4f}"
+
+
+def test_sampling_grid_and_ncc_slope_are_affine_grids_and_autograds() -> None:
+    """The search's sampling positions are F.affine_grid's to the bit (odd sides, a batch of matrices), and the
+    refinement's written-out derivative of -NCC with respect to the matrix is what autograd computes through
+    affine_grid, grid_sample and global_ncc, on real tissue."""
+    from scripts.align.affine import _negative_ncc_slope, _sampling_grid, global_ncc
+
+    matrices = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    for height, width in ((37, 52), (64, 48), (1, 9)):
+        expected = F.affine_grid(matrices, [5, 1, height, width], align_corners=False)
+        assert torch.equal(_sampling_grid(matrices, height, width), expected)
+    fixed = torch.from_numpy(rgb2gray(data.immunohistochemistry())[::4, ::3].astype(np.float32))[None, None]
+    moving = 1 - fixed.flip(-1)  # another "stain", another place: a real slope
+    theta = torch.tensor([[[0.93, 0.08, 0.03], [-0.05, 1.04, -0.06]]], requires_grad=True)
+    grid = F.affine_grid(theta, list(fixed.shape), align_corners=False)
+    (-global_ncc(F.grid_sample(moving, grid, align_corners=False), fixed).sum()).backward()
+    written = _negative_ncc_slope(moving, fixed, theta.detach())
+    torch.testing.assert_close(written, theta.grad, rtol=1e-4, atol=1e-6)
+    assert theta.grad.abs().max() > 1e-3

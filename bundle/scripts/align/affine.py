@@ -15,11 +15,12 @@ origin and the long side spans ``[-1, 1]``. A pixel ``p`` of the full grid sits 
 resizing keeps the image extent, ``D`` is the same at every pyramid level, so a transform estimated at one level is
 valid at all of them.
 
-This frame is the search's own, not a frame of the pipeline: :func:`_warp` hands it to ``F.affine_grid`` /
-``F.grid_sample`` with ``align_corners=False``, whose normalised coordinates (pixel edges at +-1) are what the
-isotropic frame is a fixed diagonal scaling of. Every other sampling in the bundle is in pixels, through
-:mod:`scripts.frames.fields`. MONAI's ``Affine`` transform resamples one image per call; the search warps a batch
-of copies (every angle of every scale) in one ``grid_sample``, and the refinement needs its gradient.
+This frame is the search's own, not a frame of the pipeline: :func:`_warp` hands it to ``F.grid_sample`` with
+``align_corners=False`` (positions as ``F.affine_grid`` makes them, :func:`_sampling_grid`), whose normalised
+coordinates (pixel edges at +-1) are what the isotropic frame is a fixed diagonal scaling of. Every other sampling
+in the bundle is in pixels, through :mod:`scripts.frames.fields`. MONAI's ``Affine`` transform resamples one image
+per call; the search warps a batch of copies (every angle of every scale) in one ``grid_sample``, and the refinement
+needs the derivative of its score with respect to the matrix (:func:`_negative_ncc_slope`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from scipy.fft import next_fast_len
 from torch import Tensor
 
 from ..frames.fields import resize_long_side
@@ -211,8 +213,13 @@ class AffineInitializer(torch.nn.Module):
         height, width = fixed.shape[-2:]
         fixed = fixed - fixed.mean()
         warped = warped - warped.mean((-2, -1), keepdim=True)
-        # zero padding by the largest shift keeps the correlation of the allowed shifts from wrapping around
-        size = (height + math.floor(self.max_shift * height) + 1, width + math.floor(self.max_shift * width) + 1)
+        # zero padding by the largest shift keeps the correlation of the allowed shifts from wrapping around; more
+        # padding changes nothing but the speed, so each side is padded on to a length whose factors are small
+        # (next_fast_len: 2-4x faster transforms than the odd lengths the working images give, docs/design.md)
+        size = (
+            next_fast_len(height + math.floor(self.max_shift * height) + 1, real=True),
+            next_fast_len(width + math.floor(self.max_shift * width) + 1, real=True),
+        )
         spectrum = torch.fft.rfft2(fixed, s=size) * torch.fft.rfft2(warped, s=size).conj()
         corr = torch.fft.irfft2(spectrum, s=size)[:, 0]  # corr[t] = sum_x fixed(x + t) warped(x)
         rows = torch.fft.fftfreq(size[0], 1 / size[0], device=fixed.device)
@@ -237,19 +244,44 @@ class AffineInitializer(torch.nn.Module):
         for size, steps in levels:
             fixed_l, moving_l = resize_long_side(fixed, size), resize_long_side(moving, size)
             lr = self.learning_rate * levels[0][0] / size
-            optimizer = torch.optim.Adam([linear_p, shift_p], lr=lr)
+            optimizer = torch.optim.Adam([linear_p, shift_p], lr=lr, fused=True)
             for step in range(steps):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
                 optimizer.zero_grad(set_to_none=True)
-                loss = -global_ncc(_warp(moving_l, linear_p[None], shift_p, pivot, scale), fixed_l).sum()
-                loss.backward()
+                # autograd only from the six parameters to the matrix; the image part is written out
+                theta = _theta(linear_p[None], shift_p, pivot, scale)
+                theta.backward(_negative_ncc_slope(moving_l, fixed_l, theta.detach()))
                 optimizer.step()
         # the guard compares on the finest level, where the refinement had its last say
         candidates = torch.stack([linear, linear_p.detach()]), torch.stack([shift, shift_p.detach()])
         scores = global_ncc(_warp(moving_l.expand(2, -1, -1, -1), candidates[0], candidates[1], pivot, scale), fixed_l)
         keep = int(scores[1] >= scores[0])
         return candidates[0][keep], candidates[1][keep]
+
+
+def _negative_ncc_slope(moving: Tensor, fixed: Tensor, theta: Tensor) -> Tensor:
+    """d(-global NCC)/d theta of ``moving`` pulled through ``theta`` onto ``fixed``, both ``(1, 1, h, w)``, for a
+    ``(1, 2, 3)`` matrix of ``F.affine_grid`` (``align_corners=False``).
+
+    Written out rather than traced: with ``a`` and ``b`` the two images less their means, NCC = a.b / (|a| |b|) and
+    its derivative with respect to the warped image is ``b / (|a| |b|) - NCC a / |a|^2``; ATen's
+    ``grid_sampler_2d_backward`` (the function autograd calls) takes it to the sampling positions, and the positions
+    are linear in ``theta``. Recorded by autograd, a step's twenty small operations cost as much as the arithmetic
+    (docs/design.md).
+    """
+    height, width = fixed.shape[-2:]
+    grid = _sampling_grid(theta, height, width)
+    warped = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    a, b = warped - warped.mean(), fixed - fixed.mean()
+    norm_a, norm_b = a.square().sum().sqrt(), b.square().sum().sqrt()
+    ncc = (a * b).sum() / (norm_a * norm_b).clamp_min(1e-12)
+    slope = ncc * a / norm_a.square().clamp_min(1e-12) - b / (norm_a * norm_b).clamp_min(1e-12)
+    _, at = torch.ops.aten.grid_sampler_2d_backward(slope, moving, grid, 0, 0, False, [False, True])  # bilinear, zeros
+    # positions (x, y) = theta (x, y, 1) at the pixel centres
+    x, y = _pixel_centres(width, theta), _pixel_centres(height, theta)
+    by_column, by_row = at[0].sum(0), at[0].sum(1)  # (w, 2), (h, 2)
+    return torch.stack([x @ by_column, y @ by_row, by_column.sum(0)], -1)[None]
 
 
 def _centroid(image: Tensor, scale: Tensor) -> Tensor:
@@ -268,10 +300,33 @@ def _warp(image: Tensor, linear: Tensor, shift: Tensor, pivot: Tensor, scale: Te
     ``linear`` is ``(N, 2, 2)``; ``shift`` and ``pivot`` are ``(2,)`` or ``(N, 2)``. Outside the image reads 0,
     the background value.
     """
+    grid = _sampling_grid(_theta(linear, shift, pivot, scale), *image.shape[-2:])
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _theta(linear: Tensor, shift: Tensor, pivot: Tensor, scale: Tensor) -> Tensor:
+    """``u_m = linear (u_f - pivot) + shift`` (isotropic frame) as ``(N, 2, 3)`` matrices of ``F.affine_grid``:
+    ``align_corners=False`` coordinates, x (columns) first."""
     # in align_corners=False coordinates n = u / scale: n_m = D^-1 L D n_f + D^-1 (shift - L pivot)
     matrix = linear * scale[None, :] / scale[:, None]
     offset = (shift - (linear @ pivot[..., None])[..., 0]) / scale
-    swap = _SWAP.to(image)
-    theta = torch.cat([swap @ matrix @ swap, (offset @ swap)[..., None].expand(len(matrix), 2, 1)], -1)
-    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    swap = _SWAP.to(linear)
+    return torch.cat([swap @ matrix @ swap, (offset @ swap)[..., None].expand(len(matrix), 2, 1)], -1)
+
+
+def _sampling_grid(theta: Tensor, height: int, width: int) -> Tensor:
+    """``F.affine_grid(theta, (N, 1, height, width), align_corners=False)``, the same bits, computed per axis.
+
+    ``affine_grid`` multiplies every pixel's ``(x, y, 1)`` by the matrix as a batched matrix product with an inner
+    dimension of 3, which on a CPU took a fifth of the whole affine stage (docs/design.md); here it is two products
+    and two sums per coordinate, in the order the product sums them.
+    """
+    x, y = _pixel_centres(width, theta), _pixel_centres(height, theta)[:, None]
+    t = theta[:, :, None, None, :]  # (N, 2, 1, 1, 3)
+    return (t[..., 0] * x + t[..., 1] * y + t[..., 2]).permute(0, 2, 3, 1)
+
+
+def _pixel_centres(count: int, like: Tensor) -> Tensor:
+    """``(count,)`` pixel centres of one axis in ``align_corners=False`` coordinates, computed as ``F.affine_grid``
+    computes them (the same bits)."""
+    return torch.linspace(-1, 1, count, dtype=like.dtype, device=like.device) * (count - 1) / count
