@@ -380,3 +380,20 @@ def test_pair_of_different_pixel_sizes_registers_at_one_physical_scale(tmp_path:
     mapped = transform.target_to_source(points)
     expected = (points + 0.5) * (0.25 / 0.499) - 0.5  # the same tissue point, by the pixel sizes
     assert np.abs(mapped - expected).max() < 4, mapped - expected  # 4 source px = 2 working px
+
+
+def test_a_slide_smaller_than_a_block_is_read_at_its_own_size() -> None:
+    """A block ends at the image (rounded up to whole k x k cells), so reading a small slide allocates about its own
+    size, not a 2048 px block of white (50 MB), and reads the same pixels as averaging the cells directly."""
+    pixels = _tissue()[:301, :199].astype(np.float32) / 255
+    slide = ArraySlide(np.ascontiguousarray(pixels), 8, "small.png")
+    tracemalloc.start()
+    reduced = read_downsampled(slide, 3.0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * pixels.nbytes
+    padded = np.ones((303, 201, 3), np.float32)
+    padded[:301, :199] = pixels
+    expected = padded.reshape(101, 3, 67, 3, 3).mean(axis=(1, 3), dtype=np.float32)
+    np.testing.assert_allclose(reduced.pixels, expected, atol=1e-6)
+    assert reduced.downsample == (3.0, 3.0)

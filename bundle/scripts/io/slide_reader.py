@@ -308,15 +308,17 @@ def read_downsampled(slide: SlideImage, downsample: float) -> Downsampled:
     factor = max(1, int(downsample / max(level_downsample) + 1e-9))
     out = np.empty((math.ceil(height / factor), math.ceil(width / factor), slide.channels), dtype=np.float32)
     block_rows, block_columns = _block_shape(slide.levels[level], factor)
+    # blocks end at the last whole k x k cell, not past it: an image smaller than a block is read at its own size
+    covered_rows, covered_columns = out.shape[0] * factor, out.shape[1] * factor
     for top in range(0, height, block_rows):
         for left in range(0, width, block_columns):
-            region = slide.read_region(level, (top, top + block_rows), (left, left + block_columns))
+            bottom, right = min(top + block_rows, covered_rows), min(left + block_columns, covered_columns)
+            region = slide.read_region(level, (top, bottom), (left, right))
             if factor > 1:
-                h, w = block_rows // factor, block_columns // factor
+                h, w = (bottom - top) // factor, (right - left) // factor
                 region = region.reshape(h, factor, w, factor, slide.channels).mean(axis=(1, 3), dtype=np.float32)
-            rows, columns = out[top // factor :, left // factor :].shape[:2]
             out[top // factor : top // factor + region.shape[0], left // factor : left // factor + region.shape[1]] = (
-                region[:rows, :columns]
+                region
             )
     if not (out != out[0, 0]).any():
         raise RegistrationInputError(slide.path, "image is blank (all pixels equal)")
