@@ -12,7 +12,16 @@ from scipy.ndimage import gaussian_filter
 from skimage import data
 from skimage.color import rgb2gray
 
-from scripts.frames.fields import compose_fields, identity_grid, invert_points, pull, resize_field, sample_field
+from scripts.frames.fields import (
+    affine_to_field,
+    compose_fields,
+    identity_grid,
+    invert_points,
+    pull,
+    resize_field,
+    residual_before_affine,
+    sample_field,
+)
 
 # MONAI's Warp announces its PyTorch fallback on CPU; nothing to act on here
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")
@@ -181,3 +190,17 @@ def test_invert_points_of_smooth_field():
     assert (recovered - x).abs().max() < 1e-2
     # and it is really a different point than y (the field is not negligible)
     assert (y - x).abs().max() > 2.0
+
+
+def test_residual_before_affine_on_the_grid_and_at_read_positions() -> None:
+    """The residual followed by the affine gives the field back (composed, not summed), and decomposing the field
+    read at some positions gives the whole grid's residual read there: the two orders agree to float32 rounding."""
+    shape = (61, 83)
+    matrix = torch.tensor([[1.04, 0.09, -6.0], [-0.07, 0.95, 4.5]])
+    field = compose_fields(affine_to_field(matrix, shape), smooth_field(shape))  # x + r(x), then through the affine
+    residual = residual_before_affine(field, matrix)
+    inside = (..., slice(6, -6), slice(6, -6))  # the composition reads the affine's field within its grid only
+    torch.testing.assert_close(residual[inside], smooth_field(shape)[inside], atol=2e-3, rtol=0)
+    positions = identity_grid((7, 9)) * torch.tensor([59 / 6, 81 / 8]).view(1, 2, 1, 1) + 0.37  # off the pixels
+    at_positions = residual_before_affine(pull(field, positions, "border"), matrix, positions)
+    torch.testing.assert_close(at_positions, pull(residual, positions, "border"), atol=1e-4, rtol=0)

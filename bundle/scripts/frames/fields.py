@@ -135,21 +135,26 @@ def affine_to_field(matrix: torch.Tensor, shape: tuple[int, int]) -> torch.Tenso
     return field[None]
 
 
-def residual_before_affine(field: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+def residual_before_affine(
+    field: torch.Tensor, matrix: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """The residual ``r`` that, followed by the affine ``matrix``, makes the pull ``field``:
     ``x + u(x) = A (x + r(x)) + t``, so ``r(x) = A^-1 (x + u(x) - t) - x``, solved in float64.
 
     Args:
-        field: (1, 2, H, W) pull field in pixels (rows, columns).
+        field: (1, 2, h, w) pull field in pixels (rows, columns): on its own grid, or read at ``positions``.
         matrix: (2, 3) pull matrix in pixels, row/column order, as :func:`affine_to_field` takes it.
+        positions: (1, 2, h, w) where ``field``'s values lie, in pixels (rows, columns); None: its own grid. ``r`` is
+            affine in ``x`` and ``u(x)``, so the residual of a field read (bilinearly) at some positions is the
+            residual read there: only what is needed is decomposed.
 
     Returns:
-        (1, 2, H, W) float32 on ``field``'s device; ``u = r + affine_to_field(matrix)(x + r)``.
+        (1, 2, h, w) float32 on ``field``'s device; ``u = r + affine_to_field(matrix)(x + r)``.
     """
     linear, shift = matrix[:, :2].double().cpu(), matrix[:, 2].double().cpu()
-    grid = identity_grid(tuple(field.shape[-2:]), field.device)
-    positions = (grid + field).squeeze(0).flatten(1).t().double().cpu()  # (H * W, 2)
-    before = ((positions - shift) @ torch.linalg.inv(linear).T).float().t().reshape(field.shape)
+    grid = identity_grid(tuple(field.shape[-2:]), field.device) if positions is None else positions
+    moved = (grid + field).squeeze(0).flatten(1).t().double().cpu()  # (h * w, 2)
+    before = ((moved - shift) @ torch.linalg.inv(linear).T).float().t().reshape(field.shape)
     # contiguous: the transpose above leaves it column-major, and a refinement grid started from that layout
     # diverged (docs/design.md, "Refinement from the networks' field")
     return (before.to(field.device) - grid).contiguous()

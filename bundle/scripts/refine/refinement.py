@@ -209,7 +209,9 @@ class MutualInformationRefinement(torch.nn.Module):
         at_nodes = identity_grid(tuple(nodes), fixed.device) * fixed.new_tensor(
             [(n - 1) / max(k - 1, 1) for n, k in zip(shape, nodes)]
         ).view(1, 2, 1, 1)
-        started = pull(residual_before_affine(field, affine), at_nodes, "border")
+        # decomposed at the nodes only: on the whole grid it was most of the refinement's memory at large working
+        # sizes (docs/design.md, "Refinement from the networks' field")
+        started = residual_before_affine(pull(field, at_nodes, "border"), affine, at_nodes)
         # one thread: the same bits as two, and faster on a loaded CPU, where a second thread's short steps wait on
         # each other (docs/design.md, "Fine scale" and "Measurements behind the code (frames)")
         with one_thread():
