@@ -75,6 +75,22 @@ def test_training_resumes_from_its_checkpoint(trained, short_training):
     assert "Current learning rate: 0.0027075" in log  # the per-level schedule resumed too: 3e-3 * 0.95 ** 2
 
 
+def test_training_starts_from_given_weights(short_training, tmp_path):
+    """`--initial_weights models/model.pt`: with a learning rate of 0 the one step taken leaves the shipped weights as
+    they are, so the model written is the shipped one exactly; without the key the networks start from identity."""
+    shipped = torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True)
+    common = [*short_training, "--max_epochs", "1", "--iterations_per_epoch", "1", "--val_interval", "5",
+              "--learning_rate", "0.0"]
+    run_bundle("training", "--config_file", "configs/train.yaml", *common, "--output_dir", str(tmp_path / "tuned"),
+               "--initial_weights", str(SHIPPED_MODEL))
+    tuned = torch.load(tmp_path / "tuned" / "model.pt", map_location="cpu", weights_only=True)
+    assert tuned.keys() == shipped.keys()
+    assert all(torch.equal(tuned[key], shipped[key]) for key in shipped)
+    run_bundle("training", "--config_file", "configs/train.yaml", *common, "--output_dir", str(tmp_path / "fresh"))
+    fresh = torch.load(tmp_path / "fresh" / "model.pt", map_location="cpu", weights_only=True)
+    assert not all(torch.equal(fresh[key], shipped[key]) for key in shipped)
+
+
 def test_inference_on_a_cover_table(trained, small_pair, tmp_path):
     run_bundle(
         "inference", "--config_file", "configs/inference.yaml", "--pairs_csv", str(small_pair / "pairs.csv"),
