@@ -70,6 +70,7 @@ def tool_command(tool: str, pairs_csv: Path, output_dir: Path, working_size: int
         command = [
             sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.yaml",
             "--pairs_csv", str(pairs_csv), "--output_dir", str(output_dir), "--working_size", str(working_size),
+            "--skip_done", "False",  # a run must register, not reuse an earlier run's pairs from the same inputs
         ]
         if tool in ("bundle-affine", "bundle-refined-affine"):
             command += ["--iterations", "0"]
