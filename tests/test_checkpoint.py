@@ -120,7 +120,7 @@ def _registration(bias: float, matrix: torch.Tensor = IDENTITY, refinement=None)
     return SlidePairRegistration(nonrigid, lambda moving, fixed: matrix, working_size=128, refinement=refinement)
 
 
-def _refinement_never_called(moving, fixed, field, affine):
+def _refinement_never_called(moving, fixed, field, affine, fixed_mask):
     raise AssertionError("the refinement ran on a non-finite field")
 
 
@@ -146,6 +146,6 @@ def test_non_finite_stage_fails_the_pair_and_the_batch_goes_on(pair, tmp_path, b
 
 def test_finite_stages_pass(pair):
     source, target = pair
-    result = _registration(0.0, refinement=lambda moving, fixed, field, affine: field)(read_slide(source), read_slide(target))
+    result = _registration(0.0, refinement=lambda moving, fixed, field, affine, mask: field)(read_slide(source), read_slide(target))
     assert torch.isfinite(result.transform.field).all() and set(result.timings) >= {"affine", "networks", "refinement"}
     assert [stage.name for stage in result.stages] == ["initial", "affine", "networks", "refinement"]

@@ -15,7 +15,7 @@ from .frames.fields import affine_to_field
 from .frames.geometry import PairGeometry
 from .register.nonrigid import PatchPyramidRegistration
 from .prepare.pair import GEOMETRY, SOURCE, SOURCE_SCALE, TARGET, WORKING_IMAGE_KEYS, declared_preparation
-from .evaluate.quality import RegistrationQuality
+from .evaluate.quality import RegistrationQuality, tissue_mask
 from .io.slide_image import SlideImage
 from .outputs.transform import SlideTransform
 from .stages import PairRegistration, RegistrationStage
@@ -34,9 +34,9 @@ class SlidePairRegistration:
             "moving"}`` (``preparation`` in configs/inference.yaml, :mod:`scripts.prepare.pair`); None: that chain
             for ``working_size``.
         device: where the images, fields and networks live.
-        refinement: optional per-pair refinement of the networks' field, ``(moving, fixed, field, affine) -> field``
-            with the (2, 3) affine the field started from (e.g. :class:`MutualInformationRefinement`); its result is
-            the "refinement" stage. None: no such stage.
+        refinement: optional per-pair refinement of the networks' field, ``(moving, fixed, field, affine,
+            fixed_mask) -> field`` with the (2, 3) affine the field started from and the target's tissue mask (e.g.
+            :class:`MutualInformationRefinement`); its result is the "refinement" stage. None: no such stage.
         rescale_above: when the affine finds the source's tissue this many times larger than the target's (its
             pixels that much finer), the pair is prepared again with the source scaled down by the found scale, as
             for slides whose stated microns per pixel differ, and the affine run again: on the common frame of the
@@ -52,7 +52,7 @@ class SlidePairRegistration:
         initializer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         working_size: int,
         device: torch.device | str = "cpu",
-        refinement: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        refinement: Callable[..., torch.Tensor] | None = None,
         rescale_above: float | None = 1.15,
         preparation: Callable[[dict], dict] | None = None,
     ) -> None:
@@ -112,9 +112,11 @@ class SlidePairRegistration:
         _require_finite("networks", field=fields["networks"])  # before the refinement, whose grid_sample crashes on NaN
         timings["networks"] = self._lap(start)
 
+        footprints = geometry.footprint(SOURCE).to(self.device), geometry.footprint(TARGET).to(self.device)
         if self.refinement is not None:
             start = time.perf_counter()
-            fields["refinement"] = self.refinement(moving, fixed, fields["networks"], matrix)
+            tissue = tissue_mask(fixed, footprints[1])
+            fields["refinement"] = self.refinement(moving, fixed, fields["networks"], matrix, tissue)
             _require_finite("refinement", field=fields["refinement"])
             timings["refinement"] = self._lap(start)
 
@@ -124,7 +126,6 @@ class SlidePairRegistration:
             for name, total in fields.items()
         ]
         start = time.perf_counter()
-        footprints = geometry.footprint(SOURCE), geometry.footprint(TARGET)
         quality = RegistrationQuality.measure(moving, fixed, fields, footprints)
         timings["quality"] = self._lap(start)
         record = {"affine_working_pixels": matrix.cpu().tolist(), "geometry": geometry.to_dict()}

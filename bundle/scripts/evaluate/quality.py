@@ -81,6 +81,12 @@ def tissue_threshold(intensities: torch.Tensor) -> float:
     return float(threshold_multiotsu(values, classes=3, nbins=TISSUE_BINS)[0])
 
 
+def tissue_mask(image: torch.Tensor, footprint: torch.Tensor | None = None) -> torch.Tensor:
+    """Where a (..., h, w) tissue image shows tissue: above :func:`tissue_threshold` of its pixels on ``footprint``,
+    an (h, w) boolean mask of where the slide lies on the grid (None: every pixel). Same shape, boolean."""
+    return image > tissue_threshold(image[..., footprint] if footprint is not None else image)
+
+
 def tissue_dice(fixed_mask: torch.Tensor, moving_mask: torch.Tensor) -> float:
     """Dice of two (1, 1, h, w) binary masks; 0 when either is empty."""
     dice = compute_dice(moving_mask.float(), fixed_mask.float(), include_background=True, ignore_empty=False)
@@ -157,7 +163,7 @@ class RegistrationQuality:
             footprints = (torch.ones(fixed.shape[-2:], dtype=torch.bool),) * 2
         moving_on, fixed_on = (footprint[::step, ::step].to(fixed.device) for footprint in footprints)
         fixed = fixed[..., ::step, ::step]
-        fixed_mask = fixed > tissue_threshold(fixed[..., fixed_on])
+        fixed_mask = tissue_mask(fixed, fixed_on)
         moving_threshold = tissue_threshold(stages["initial"][..., moving_on])
         masks = {stage: warped > moving_threshold for stage, warped in stages.items()}
         return cls(

@@ -12,6 +12,9 @@ deformation a control grid started from it ends at a third less error than one c
 and no autograd graph is recorded: traced through the histogram, a step's forty small operations cost as much to
 record as to compute on a CPU (docs/design.md, "Seventh round"), and the interpolations' derivatives are the ones
 autograd would call, ATen's ``grid_sampler_2d_backward``, called directly (the same bits, a tenth of a step less).
+The positions can be confined to the target's tissue and a margin around it that narrows level by level, as
+elastix confines its samples to a fixed-image mask: on the sample pairs most of the frame is glass, whose samples
+teach the histogram the outline but nothing inside the tissue (docs/design.md, "Samples on the tissue").
 """
 
 from __future__ import annotations
@@ -94,6 +97,45 @@ def _refined_grid(grid: torch.Tensor, halvings: int) -> torch.Tensor:
     return F.interpolate(grid, size=size, mode="bilinear", align_corners=True)
 
 
+def _within(mask: torch.Tensor, reach: int) -> torch.Tensor:
+    """(1, 1, h, w) boolean: the pixels within ``reach`` pixels (a square's half side) of the (1, 1, h, w) boolean
+    ``mask``. Window sums of running sums, a pass per axis: MONAI's and PyTorch's dilations (a max pool) cost the
+    window's size per pixel, ten times as long for the 33 px windows of the refinement's full-resolution level."""
+    count = mask.to(torch.float32)  # counts up to a side's length, exact in float32
+    for dim in (-2, -1):
+        sums = count.cumsum(dim)
+        n = count.shape[dim]
+        before, after = list(sums.shape), list(sums.shape)
+        before[dim], after[dim] = reach + 1, reach
+        # sums[i + reach] - sums[i - reach - 1], with 0 before the first pixel and the total after the last
+        padded = torch.cat((sums.new_zeros(before), sums, sums.narrow(dim, n - 1, 1).expand(after)), dim)
+        count = padded.narrow(dim, 2 * reach + 1, n) - padded.narrow(dim, 0, n)
+    return count > 0
+
+
+def _cells_near(mask: torch.Tensor, factor: int, margin: float) -> torch.Tensor | None:
+    """(2, K) positions (column, row) of the pixels of the level downsampled by ``factor`` that lie within ``margin``
+    working pixels of the (1, 1, H, W) boolean ``mask`` (a level pixel is tissue where any of its working pixels
+    is); None where the mask is empty."""
+    near = _within(downsample(mask.to(torch.float32), factor) > 0, round(margin / factor))
+    rows, columns = near[0, 0].nonzero().unbind(1)
+    return torch.stack((columns, rows)).to(torch.float32) if len(rows) else None
+
+
+def _draw(
+    samples: int, extent: torch.Tensor, cells: torch.Tensor | None, generator: torch.Generator
+) -> torch.Tensor:
+    """(2, samples) random level positions (column, row) in ``[0, extent]``: uniform over the level, or over the
+    cells of the pixels ``cells`` ((2, K) from :func:`_cells_near`) where given."""
+    device = extent.device
+    if cells is None:
+        # rows first, the order they have always been drawn in, so that a seed keeps its positions
+        return torch.rand(2, samples, generator=generator, device=device).flip(0) * extent
+    points = cells.index_select(1, torch.randint(cells.shape[1], (samples,), generator=generator, device=device))
+    points += torch.rand(2, samples, generator=generator, device=device).sub_(0.5)  # anywhere in the pixel's cell
+    return torch.minimum(points.clamp_(min=0), extent, out=points)
+
+
 class _Level:
     """One optimisation level: its images, the affine the residual is followed by, and the unit conversions a step
     needs.
@@ -165,6 +207,9 @@ class MutualInformationRefinement(torch.nn.Module):
         seed: seed of the position sampling.
         anneal: the step size at a level's last step, as a fraction of its ``learning_rate`` (cosine in between);
             1: constant. One for every level, or one per level.
+        tissue_margin: where a call gives the target's tissue mask, each level draws its positions only within this
+            many working pixels of the tissue (None: anywhere on the grid, as without a mask): one distance for
+            every level, or one per level.
     """
 
     def __init__(
@@ -178,6 +223,7 @@ class MutualInformationRefinement(torch.nn.Module):
         bins: int = 32,
         seed: int = 0,
         anneal: float | Sequence[float] = 1.0,
+        tissue_margin: float | None | Sequence[float | None] = None,
     ) -> None:
         super().__init__()
         self.factors = tuple(factors)
@@ -191,14 +237,22 @@ class MutualInformationRefinement(torch.nn.Module):
         self.anneals = _per_level(anneal, len(self.factors), "anneal")
         self.samples = _per_level(samples, len(self.factors), "samples")
         self.alphas = _per_level(alpha, len(self.factors), "alpha")
+        self.tissue_margins = _per_level(tissue_margin, len(self.factors), "tissue_margin")
         self.bins = bins
         self.seed = seed
 
     def forward(
-        self, moving: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor, affine: torch.Tensor
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        field: torch.Tensor,
+        affine: torch.Tensor,
+        fixed_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args: moving, fixed: (1, 1, H, W) working images in [0, 1]; field: (1, 2, H, W) pull field in working
-        pixels, which holds ``affine``, the (2, 3) pull matrix in working pixels (row, column) it started from.
+        pixels, which holds ``affine``, the (2, 3) pull matrix in working pixels (row, column) it started from;
+        fixed_mask: (1, 1, H, W) boolean, the fixed image's tissue, near which ``tissue_margin`` keeps the random
+        positions (None: they are drawn anywhere).
 
         Returns: (1, 2, H, W) the refined pull field, ``fixed(x) ~ moving(x + u(x))``: a residual on the control grid,
         started from ``field``'s residual before ``affine`` read at the control nodes, then the affine.
@@ -221,9 +275,9 @@ class MutualInformationRefinement(torch.nn.Module):
             spacing = self.spacings[0]
             levels = zip(
                 self.factors, self.spacings, self.iterations, self.learning_rates, self.anneals, self.samples,
-                self.alphas,
+                self.alphas, self.tissue_margins,
             )
-            for factor, level_spacing, steps, rate, anneal, samples, alpha in levels:
+            for factor, level_spacing, steps, rate, anneal, samples, alpha, margin in levels:
                 if level_spacing != spacing:
                     grid = _refined_grid(grid, round(math.log2(spacing / level_spacing)))
                     # a new grid, new moments: Adam's per-node step statistics do not carry over to its new nodes
@@ -231,13 +285,12 @@ class MutualInformationRefinement(torch.nn.Module):
                     spacing = level_spacing
                 images = downsample(moving, factor), downsample(fixed, factor)
                 level = _Level(*images, affine, shape)
+                cells = None if fixed_mask is None or margin is None else _cells_near(fixed_mask, factor, margin)
                 for step in range(steps):
                     cosine = (1 + math.cos(math.pi * step / max(steps - 1, 1))) / 2  # 1 down to 0
                     for group in optimizer.param_groups:
                         group["lr"] = rate * (anneal + (1 - anneal) * cosine)
-                    # rows first, the order they have always been drawn in, so that a seed keeps its positions
-                    draw = torch.rand(2, samples, generator=generator, device=fixed.device)
-                    points = draw.flip(0) * level.extent
+                    points = _draw(samples, level.extent, cells, generator)
                     grid.grad = self._similarity_gradient(grid, level, points)
                     grid.grad += alpha * grid_bending_gradient(grid)
                     optimizer.step()
