@@ -138,7 +138,7 @@ class BundleTool:
         start = time.perf_counter()
         total = self.registration.nonrigid(moving, fixed, initial)
         if self.registration.refinement is not None:
-            total = self.registration.refinement(moving, fixed, total, matrix)
+            total = self.registration.refine(moving, fixed, total, matrix)
         nonrigid_seconds = time.perf_counter() - start
         return {
             "affine": initial.cpu(),

@@ -20,6 +20,7 @@ from scripts.register import PatchPyramidRegistration, load_weights
 from scripts.runner import BatchRegistration
 from scripts.runner import select_pairs
 from scripts.errors import RegistrationInputError
+from scripts.evaluate.quality import tissue_mask
 from scripts.io.slide_io import read_slide
 
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp:UserWarning")
@@ -144,8 +145,18 @@ def test_non_finite_stage_fails_the_pair_and_the_batch_goes_on(pair, tmp_path, b
     assert not any(p.is_dir() for p in (tmp_path / "out").iterdir())  # no pair folder, complete or partial
 
 
-def test_finite_stages_pass(pair):
+def test_finite_stages_pass_and_the_refinement_gets_the_targets_tissue(pair):
     source, target = pair
-    result = _registration(0.0, refinement=lambda moving, fixed, field, affine, mask: field)(read_slide(source), read_slide(target))
+    given = {}
+
+    def refinement(moving, fixed, field, affine, fixed_mask):
+        given.update(fixed=fixed, mask=fixed_mask)
+        return field
+
+    result = _registration(0.0, refinement=refinement)(read_slide(source), read_slide(target))
     assert torch.isfinite(result.transform.field).all() and set(result.timings) >= {"affine", "networks", "refinement"}
     assert [stage.name for stage in result.stages] == ["initial", "affine", "networks", "refinement"]
+    mask, fixed = given["mask"], given["fixed"]
+    assert mask.dtype == torch.bool and mask.shape == fixed.shape
+    assert torch.equal(mask, tissue_mask(fixed, result.transform.geometry.footprint("target")))
+    assert 0.2 < mask.float().mean() < 0.9  # the lesion's target: tissue and glass

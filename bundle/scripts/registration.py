@@ -115,8 +115,7 @@ class SlidePairRegistration:
         footprints = geometry.footprint(SOURCE).to(self.device), geometry.footprint(TARGET).to(self.device)
         if self.refinement is not None:
             start = time.perf_counter()
-            tissue = tissue_mask(fixed, footprints[1])
-            fields["refinement"] = self.refinement(moving, fixed, fields["networks"], matrix, tissue)
+            fields["refinement"] = self.refine(moving, fixed, fields["networks"], matrix, footprints[1])
             _require_finite("refinement", field=fields["refinement"])
             timings["refinement"] = self._lap(start)
 
@@ -130,6 +129,19 @@ class SlidePairRegistration:
         timings["quality"] = self._lap(start)
         record = {"affine_working_pixels": matrix.cpu().tolist(), "geometry": geometry.to_dict()}
         return PairRegistration(tuple(stages), fixed, timings, quality, record)
+
+    def refine(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        field: torch.Tensor,
+        matrix: torch.Tensor,
+        footprint: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The refinement stage on the (1, 1, h, w) working images: :attr:`refinement` of the (1, 2, h, w) ``field``
+        that started from the (2, 3) affine ``matrix``, given the target's tissue mask, its threshold taken on
+        ``footprint`` ((h, w) boolean, where the target lies on the grid; None: all of it)."""
+        return self.refinement(moving, fixed, field, matrix, tissue_mask(fixed, footprint))
 
     def _prepare(self, pair: dict) -> tuple[PairGeometry, torch.Tensor, torch.Tensor]:
         """The pair through :attr:`preparation`: its geometry and the (1, 1, h, w) target and source tissue images
