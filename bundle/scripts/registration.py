@@ -52,7 +52,8 @@ class SlidePairRegistration:
         initializer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         working_size: int,
         device: torch.device | str = "cpu",
-        refinement: Callable[..., torch.Tensor] | None = None,
+        refinement: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+        | None = None,
         rescale_above: float | None = 1.15,
         preparation: Callable[[dict], dict] | None = None,
     ) -> None:

@@ -13,8 +13,9 @@ and no autograd graph is recorded: traced through the histogram, a step's forty 
 record as to compute on a CPU (docs/design.md, "Seventh round"), and the interpolations' derivatives are the ones
 autograd would call, ATen's ``grid_sampler_2d_backward``, called directly (the same bits, a tenth of a step less).
 The positions can be confined to the target's tissue and a margin around it that narrows level by level, as
-elastix confines its samples to a fixed-image mask: on the sample pairs most of the frame is glass, whose samples
-teach the histogram the outline but nothing inside the tissue (docs/design.md, "Samples on the tissue").
+elastix confines its samples to a fixed-image mask: on the sample pairs a third to two thirds of the working grid is
+glass or padding, whose samples teach the histogram the outline but nothing inside the tissue (docs/design.md,
+"Samples on the tissue").
 """
 
 from __future__ import annotations
@@ -230,8 +231,8 @@ class MutualInformationRefinement(torch.nn.Module):
         anneal: the step size at a level's last step, as a fraction of its ``learning_rate`` (cosine in between);
             1: constant. One for every level, or one per level.
         tissue_margin: where a call gives the target's tissue mask, each level draws its positions only within this
-            many working pixels of the tissue (None: anywhere on the grid, as without a mask): one distance for
-            every level, or one per level.
+            many working pixels of the tissue, to 1.5 times as many (blocks of half of it, :func:`_blocks_near`);
+            None: anywhere on the grid, as without a mask. One distance for every level, or one per level.
     """
 
     def __init__(
