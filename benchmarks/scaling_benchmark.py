@@ -114,7 +114,8 @@ def worker(size: int, group_size: int, output: Path, threads: int | None) -> Non
     import torch
     import torch.nn.functional as F
     from monai.bundle import ConfigParser
-    from scripts.io.slide_io import Slide, read_slide
+    from scripts.io.slide_image import ArraySlide
+    from scripts.io.slide_io import read_slide
 
     if threads:
         torch.set_num_threads(threads)
@@ -135,12 +136,12 @@ def worker(size: int, group_size: int, output: Path, threads: int | None) -> Non
     common = max(max(target.pixels.shape[:2]), max(source.pixels.shape[:2]))
     factor = size / common
 
-    def upsample(slide: Slide) -> Slide:
+    def upsample(slide: ArraySlide) -> ArraySlide:
         height, width = slide.pixels.shape[:2]
         shape = (round(height * factor), round(width * factor))
         tensor = torch.as_tensor(slide.pixels).permute(2, 0, 1)[None]
         pixels = F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
-        return Slide(np.ascontiguousarray(pixels.clamp(0, 1).numpy()), slide.bit_depth, slide.path)
+        return ArraySlide(np.ascontiguousarray(pixels.clamp(0, 1).numpy()), slide.bit_depth, slide.path)
 
     target, source = upsample(target), upsample(source)
     registration = build(size)
