@@ -99,22 +99,6 @@ def _refined_grid(grid: torch.Tensor, halvings: int) -> torch.Tensor:
     return F.interpolate(grid, size=size, mode="bilinear", align_corners=True)
 
 
-def _within(mask: torch.Tensor, reach: int) -> torch.Tensor:
-    """(1, 1, h, w) boolean: the pixels within ``reach`` pixels (a square's half side) of the (1, 1, h, w) boolean
-    ``mask``. Window sums of running sums, a pass per axis: a max pool (PyTorch's and MONAI's dilations) costs the
-    window's size per pixel."""
-    count = mask.to(torch.float32)  # counts up to a side's length, exact in float32
-    for dim in (-2, -1):
-        sums = count.cumsum(dim)
-        n = count.shape[dim]
-        before, after = list(sums.shape), list(sums.shape)
-        before[dim], after[dim] = reach + 1, reach
-        # sums[i + reach] - sums[i - reach - 1], with 0 before the first pixel and the total after the last
-        padded = torch.cat((sums.new_zeros(before), sums, sums.narrow(dim, n - 1, 1).expand(after)), dim)
-        count = padded.narrow(dim, 2 * reach + 1, n) - padded.narrow(dim, 0, n)
-    return count > 0
-
-
 class _Blocks(NamedTuple):
     """Square blocks of a level's pixels to draw positions in: ``origins``, (2, K) level positions (column, row) of
     each block's first pixel centre, and ``side``, level pixels per block side."""
@@ -137,7 +121,9 @@ def _blocks_near(mask: torch.Tensor, factor: int, margin: float) -> _Blocks | No
     padded = mask.new_zeros(rows * block, columns * block)
     padded[:height, :width] = mask[0, 0]
     tissue = padded.view(rows, block, columns, block).any(3).any(1)
-    row, column = _within(tissue[None, None], 2)[0, 0].nonzero().unbind(1)
+    # two blocks around: a square dilation, on the block grid (small: a max pool is cheap there)
+    near = F.max_pool2d(tissue[None, None].to(torch.float32), 5, stride=1, padding=2)[0, 0] > 0
+    row, column = near.nonzero().unbind(1)
     if not len(row):
         return None
     return _Blocks(torch.stack((column, row)).to(torch.float32) * side, side)
